@@ -1,0 +1,92 @@
+"""``moe-convert``: compress the routed experts of a HuggingFace MoE checkpoint into the moe_lowrank format."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .errors import ConvertError
+from .method import METHODS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="moe-convert",
+        description="Compress MoE experts (low-rank / shared-basis / sparse) into a checkpoint vLLM serves with "
+                    "--quantization moe_lowrank.",
+        epilog="Method options: -o KEY=VALUE (repeatable); a wrong key lists the valid ones. "
+               "Example: moe-convert --method mobe --ratio 0.3 ckpt/ out/ --calib-data calib.txt",
+    )
+    ap.add_argument("checkpoint", type=Path, help="HuggingFace checkpoint folder (safetensors)")
+    ap.add_argument("output", type=Path, help="output folder (written via OUTPUT.moe-convert-tmp, then renamed)")
+    ap.add_argument("--method", required=True, choices=list(METHODS))
+    ap.add_argument("--ratio", type=float, required=True,
+                    help="fraction of routed-expert parameters to remove, in (0, 1)")
+    ap.add_argument("-o", "--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                    help="method-specific option")
+    cal = ap.add_argument_group("calibration")
+    cal.add_argument("--calib-data", type=Path, help="calibration text: .txt, .jsonl (text field) or .parquet")
+    cal.add_argument("--text-field", default="text", help="field/column holding the text (jsonl, parquet)")
+    cal.add_argument("--num-samples", type=int, default=128)
+    cal.add_argument("--seq-len", type=int, default=512)
+    cal.add_argument("--seed", type=int, default=42)
+    cal.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward batch")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                    help="dtype of the written factors (auto: the checkpoint's)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] for calibration and fitting")
+    ap.add_argument("--export-dense", type=Path, metavar="DIR",
+                    help="also write a plain HF checkpoint with the reconstructed dense experts")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and a memory estimate; write nothing")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted conversion")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    return ap
+
+
+def _summary(report: dict) -> str:
+    lines = [f"method {report['method']}  target ratio {report['target_ratio']}  "
+             f"achieved ratio {report['achieved_ratio']:.4f}",
+             f"routed-expert params: {report['expert_params']['original']:,} -> {report['expert_params']['kept']:,}",
+             f"{'layer':>5}  {'status':<10}  {'gate err':>8}  {'up err':>8}  {'down err':>8}  {'out err':>8}"]
+    for layer, r in report["layers"].items():
+        if r.get("status") != "compressed":
+            if "tokens_per_expert" in r:
+                lines.append(f"{layer:>5}  {'dense':<10}")
+            continue
+        w = r["weight_rel_err"]
+        out = r.get("output_rel_err")
+        lines.append(f"{layer:>5}  {'compressed':<10}  {w['gate']:8.4f}  {w['up']:8.4f}  {w['down']:8.4f}  "
+                     f"{'-' if out is None else f'{out:8.4f}':>8}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from .pipeline import REPORT_NAME, ConvertOptions, convert, dry_run
+
+    raw = vars(args).copy()
+    is_dry = raw.pop("dry_run")
+    raw["command"] = "moe-convert " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        opts = ConvertOptions(**raw)
+        if is_dry:
+            print(json.dumps(dry_run(opts), indent=2))
+            return
+        report = convert(opts)
+    except ValidationError as err:
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())
+        print(f"moe-convert: error: {problems}", file=sys.stderr)
+        sys.exit(2)
+    except ConvertError as err:
+        print(f"moe-convert: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(_summary(report))
+    print(f"written: {opts.output} (report: {opts.output / REPORT_NAME})")
+
+
+if __name__ == "__main__":
+    main()

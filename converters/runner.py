@@ -1,0 +1,137 @@
+"""Run a checkpoint one decoder layer at a time through transformers' own modules.
+
+The model skeleton lives on the meta device; only the embedding, rotary tables and the one layer being processed
+hold real memory. Between layers only the calibration hidden states are kept. Routed experts are replaced by an
+``ExpertsProbe`` that records the MoE inputs and routing (transformers ≥ 5 gives every supported architecture an
+``Experts(hidden_states, top_k_index, top_k_weights)`` module), so routing, shared experts and attention are
+exactly the reference implementation's.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .arch import MoEArch
+from .calibration import LayerCalibration, dense_expert_fn, moe_output
+from .checkpoint import Checkpoint
+from .errors import CheckpointError, UnsupportedModelError
+from .experts import ExpertWeights, expert_tensor_names
+
+
+class _Caught(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for layer 0 to capture what the model passes to its decoder layers."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.caught = (hidden_states, args, kwargs)
+        raise _Caught
+
+
+class ExpertsProbe(nn.Module):
+    """Replaces a layer's routed experts: records inputs and routing, returns the original experts' output."""
+
+    def __init__(self, weights: ExpertWeights):
+        super().__init__()
+        self.fn = dense_expert_fn(weights.gate, weights.up, weights.down)
+        self.x: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
+        self.w: list[torch.Tensor] = []
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, n]
+        ids, w = top_k_index.reshape(x.shape[0], -1), top_k_weights.reshape(x.shape[0], -1)  # [T, k]
+        self.x.append(x.detach())
+        self.ids.append(ids.detach().long())
+        self.w.append(w.detach().float())
+        return moe_output(x, ids, w, self.fn).to(hidden_states.dtype).reshape(hidden_states.shape)
+
+    def calibration(self, num_experts: int) -> LayerCalibration:
+        return LayerCalibration(x=torch.cat(self.x), topk_ids=torch.cat(self.ids), topk_weights=torch.cat(self.w),
+                                num_experts=num_experts)
+
+
+class LayerRunner:
+    """Streams calibration hidden states through a checkpoint layer by layer."""
+
+    def __init__(self, ckpt: Checkpoint, arch: MoEArch, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.ckpt, self.arch, self.device, self.dtype = ckpt, arch, torch.device(device), dtype
+        try:
+            config = AutoConfig.from_pretrained(ckpt.path)
+        except Exception as err:
+            raise UnsupportedModelError(f"{ckpt.path}/config.json: transformers cannot read it ({err})") from None
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        self.model = model.model
+        self.config = config
+        self._materialize(self.model.embed_tokens, "model.embed_tokens.")
+        with torch.device(self.device):  # its inverse frequencies are computed at construction, not loaded
+            self.model.rotary_emb = type(self.model.rotary_emb)(config=config)
+        self.layers = self.model.layers
+        self._kwargs: dict[tuple[int, ...], tuple] = {}
+
+    def _materialize(self, module: nn.Module, ckpt_prefix: str, skip: set[str] = frozenset()) -> None:
+        """Allocate a meta module on the device and fill it from the checkpoint, strictly."""
+        names = [n for n in self.ckpt.tensors if n.startswith(ckpt_prefix) and n not in skip]
+        state = {}
+        for n, t in self.ckpt.get_many(names).items():
+            key = n[len(ckpt_prefix):]
+            for old, new in self.arch.module_renames:
+                key = ("." + key).replace(old, new)[1:]
+            state[key] = t
+        module.to_empty(device=self.device)
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{self.ckpt.path}: tensors under {ckpt_prefix!r} do not match the "
+                                  f"{self.arch.model_type} layout: missing {missing[:3]}, unexpected "
+                                  f"{unexpected[:3]}")
+        module.to(self.dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S, n] hidden states entering layer 0; remembers the layer kwargs for this batch shape."""
+        first = self.layers[0]
+        catcher = _Catcher()
+        self.layers[0] = catcher
+        try:
+            self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        except _Caught:
+            pass
+        finally:
+            self.layers[0] = first
+        hidden, args, kwargs = catcher.caught
+        self._kwargs[tuple(input_ids.shape)] = (args, kwargs)
+        return hidden.to(self.dtype)
+
+    def load_layer(self, layer: int, experts: ExpertWeights | None) -> tuple[nn.Module, ExpertsProbe | None]:
+        """Materialize decoder layer ``layer``; its routed experts become a probe over ``experts``."""
+        module = self.layers[layer]
+        probe = None
+        skip: set[str] = set()
+        if layer in self.arch.moe_layers:
+            assert experts is not None
+            probe = ExpertsProbe(experts)
+            module.mlp.experts = probe
+            skip = set(expert_tensor_names(self.ckpt, self.arch, layer))
+        self._materialize(module, f"model.layers.{layer}.", skip)
+        return module, probe
+
+    def release_layer(self, layer: int) -> None:
+        self.layers[layer].to("meta")
+
+    @torch.no_grad()
+    def forward_layer(self, module: nn.Module, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run every calibration batch through one materialized layer."""
+        out = []
+        for h in hidden:
+            args, kwargs = self._kwargs[tuple(h.shape[:2])]
+            y = module(h.to(self.device), *args, **kwargs)
+            out.append((y[0] if isinstance(y, tuple) else y).to(self.dtype))
+        return out

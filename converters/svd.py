@@ -1,0 +1,86 @@
+"""Baseline ``svd``: activation-whitened per-expert SVD (SVD-LLM whitening) at one uniform rank.
+
+Every projection of every expert gets rank r or r + 1, where r is the uniform rank the ratio allows and the few
+leftover ranks of the layer's budget go to the factorizations whose next singular value removes the most
+(whitened) output error — so the achieved ratio matches the request to within one rank per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_moe_lowrank.format import PROJS, LayerSpec, LowRankTerm, ProjSpec
+
+from .budget import layer_budget, top_up_ranks
+from .calibration import LayerCalibration
+from .errors import RatioError
+from .experts import ExpertWeights
+from .method import CompressedLayer, Method, MethodSettings
+from .whitening import regularize_gram, whitened_svd, whitening
+
+
+class SVDSettings(MethodSettings):
+    whiten: bool = True  # False: plain weight SVD, data-free
+    damp: float = 1e-4  # relative Gram damping
+    shrink: float = 0.1  # shrinkage of rare experts' Grams toward the layer mean
+
+
+class SVDMethod(Method):
+    name = "svd"
+    Settings = SVDSettings
+
+    def __init__(self, ctx, settings: SVDSettings):
+        super().__init__(ctx, settings)
+        self.needs_calibration = settings.whiten
+
+    def _total_rank(self) -> int:
+        a = self.arch
+        return layer_budget(self.ctx.ratio, a.num_experts, a.hidden_size, a.intermediate_size) // (
+            a.hidden_size + a.intermediate_size)
+
+    def check_feasible(self) -> None:
+        a = self.arch
+        k = 3 * a.num_experts
+        if self._total_rank() < k:
+            limit = 1 - (a.hidden_size + a.intermediate_size) / (a.hidden_size * a.intermediate_size)
+            raise RatioError(f"--ratio {self.ctx.ratio}: infeasible for svd on this model (rank would drop below 1); "
+                             f"the largest feasible ratio is {limit:.4f}")
+
+    def dry_run(self):
+        total, k = self._total_rank(), 3 * self.arch.num_experts
+        r = total // k
+        return [{"layer": l, "rank": r if total % k == 0 else f"{r}-{r + 1}",
+                 "params": total * (self.arch.hidden_size + self.arch.intermediate_size)}
+                for l in self.arch.moe_layers]
+
+    def compress_layer(self, layer: int, weights: ExpertWeights, calib: LayerCalibration | None) -> CompressedLayer:
+        E, s = self.arch.num_experts, self.settings
+        dev = self.ctx.device
+        mean_gram = calib.mean_gram_in().to(dev) if calib is not None else None
+        svds = {}
+        for e in range(E):
+            white_in = white_mid = None
+            if calib is not None:
+                n_e = int(calib.token_index(e).numel())
+                white_in = whitening(regularize_gram(calib.gram_in(e).to(dev), n_e, mean_gram, s.damp, s.shrink))
+                # down's inputs are this expert's intermediate activations; no layer mean exists for them
+                white_mid = whitening(regularize_gram(calib.gram_mid(e, weights).to(dev), n_e, None, s.damp))
+            for p in PROJS:
+                svds[p, e] = whitened_svd(weights.get(p, e, torch.float64).to(dev),
+                                          white_mid if p == "down" else white_in)
+        keys = list(svds)
+        total = self._total_rank()
+        base = total // len(keys)
+        gains = torch.tensor([float(svds[k].sigma[base] ** 2) if base < svds[k].sigma.numel() else 0.0
+                              for k in keys])
+        ranks = dict(zip(keys, top_up_ranks(base, total, gains)))
+        tensors = {}
+        for (p, e), svd in svds.items():
+            L, R = svd.factors(ranks[p, e])
+            tensors[p, "lr_u", e], tensors[p, "lr_v", e] = L.cpu(), R.cpu()
+        spec = LayerSpec(method=self.name, **{
+            p: ProjSpec(lowrank=LowRankTerm(ranks=[ranks[p, e] for e in range(E)])) for p in PROJS})
+        return CompressedLayer(spec=spec, tensors=tensors, info={"rank": base, "total_rank": total})
+
+
+METHOD = SVDMethod

@@ -1,0 +1,453 @@
+"""The ``moe_lowrank`` checkpoint format: the single source of truth for metadata, tensor names and shapes.
+
+The converter writes it, the vLLM plugin loads it, kernels and tests read it. ``docs/format.md`` is the prose
+version of this module.
+
+A compressed MoE layer stores each expert projection ``P`` (gate ``[m, n]``, up ``[m, n]``, down ``[n, m]``) as the
+sum of up to four *terms*; an expert's weight is the sum of the terms present::
+
+    dense     W_e                                   per-expert exact weight (possibly of a unit segment)
+    lowrank   L_e · act(R_e)                        L_e per expert or a shared slot (MoE-SVD), R_e per expert,
+                                                    per group (MoE-SVD, RFID-MoE) or act(Σ_j mix_ej B_j) (MoBE)
+    residual  eta_e · P_g(e)ᵀ                       sparse one-hot projection of the input (RFID-MoE)
+    base      B[:, idx_e]                           shared down base over the original units (RS-MoE)
+
+Units (RS-MoE): when ``units`` is set, expert e keeps ``exact[e] + lowrank[e]`` intermediate units in a compact
+order (exact units first); pruned units are gone. Terms then cover the ``exact`` or the ``lowrank`` segment.
+Without ``units`` every term covers all ``m`` units.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from enum import Enum
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+QUANT_METHOD = "moe_lowrank"
+FORMAT_VERSION = 1
+PROJS = ("gate", "up", "down")
+SHARED = "shared"  # path component for per-layer tensors: <moe_prefix>.shared.<proj_name>.<suffix>
+
+
+class FormatError(ValueError):
+    """A checkpoint or quantization_config that does not follow the moe_lowrank format."""
+
+
+class Act(str, Enum):
+    """Element-wise function applied to a right factor in weight space (MoBE Eq. 3: f(Σ_j α_j B_j))."""
+
+    identity = "identity"
+    silu = "silu"
+    tanh = "tanh"
+
+
+def apply_act(act: Act | str, w: torch.Tensor) -> torch.Tensor:
+    act = Act(act)
+    if act is Act.silu:
+        return torch.nn.functional.silu(w)
+    if act is Act.tanh:
+        return torch.tanh(w)
+    return w
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Segment = Literal["all", "exact", "lowrank"]
+
+
+class DenseTerm(_Strict):
+    """Per-expert exact weight ``weight`` over a unit segment (the original tensor when units == "all")."""
+
+    units: Literal["all", "exact"] = "all"
+
+
+class LowRankTerm(_Strict):
+    """``W_e ≈ L_e · act(R_e)`` with rank ``ranks[e]``.
+
+    Right factor R_e ``[r_e, in]``: per expert (``lr_v`` per expert); per group (``right_groups``: shared ``lr_v``
+    ``[Σ_g r_g, in]``, group g's rows packed in order, SVD-LLM whitening folded in); or a basis mix
+    (``num_bases`` J: shared ``lr_v`` ``[J·r, in]`` holding B_1..B_J, per-expert ``lr_mix`` ``[J]`` float32,
+    R_e = act(Σ_j mix_ej B_j), MoBE).
+    Left factor L_e ``[out, r_e]``: per expert (``lr_u``) or a shared slot (``left_slots``: shared ``lr_u``
+    ``[out, Σ_s r_s]``, slot s's columns packed in order; MoE-SVD U-trimming, several experts share one slot).
+    """
+
+    units: Literal["all", "lowrank"] = "all"
+    ranks: list[int]
+    right_groups: list[int] | None = None
+    num_bases: int | None = None
+    left_slots: list[int] | None = None
+    act: Act = Act.identity
+
+    def group_ranks(self) -> list[int]:
+        """Rank of each right group, in group order."""
+        assert self.right_groups is not None
+        out = [0] * (max(self.right_groups) + 1)
+        for e, g in enumerate(self.right_groups):
+            out[g] = self.ranks[e]
+        return out
+
+    def slot_ranks(self) -> list[int]:
+        """Rank of each left slot, in slot order."""
+        assert self.left_slots is not None
+        out = [0] * (max(self.left_slots) + 1)
+        for e, s in enumerate(self.left_slots):
+            out[s] = self.ranks[e]
+        return out
+
+
+class ResidualTerm(_Strict):
+    """RFID-MoE sparse residual: ``eta_e · P_gᵀ`` with P_g ``[in, s]`` one-hot buckets scaled by 1/sqrt(count).
+
+    Shared ``res_bucket`` int32 ``[G, in]`` holds the bucket (0..width-1) of each input column for each group;
+    per-expert ``res_eta`` is ``[out, width]``.
+    """
+
+    groups: list[int]
+    width: int = Field(gt=0)
+
+
+class BaseTerm(_Strict):
+    """RS-MoE shared down base: ``B[:, idx_e]`` with shared ``base`` ``[n, m]`` over the original units.
+
+    With units == "lowrank", per-expert ``base_idx`` int32 ``[lowrank_e]`` gives the original unit of each
+    compact low-rank unit; with "all" the expert keeps all m units in their original order.
+    """
+
+    units: Literal["all", "lowrank"] = "lowrank"
+
+
+class ProjSpec(_Strict):
+    dense: DenseTerm | None = None
+    lowrank: LowRankTerm | None = None
+    residual: ResidualTerm | None = None
+    base: BaseTerm | None = None
+
+    def terms(self) -> Iterator[tuple[str, BaseModel]]:
+        for kind in ("dense", "lowrank", "residual", "base"):
+            t = getattr(self, kind)
+            if t is not None:
+                yield kind, t
+
+
+class UnitSplit(_Strict):
+    """RS-MoE collaborative units kept per expert: ``exact[e]`` exact units then ``lowrank[e]`` low-rank units."""
+
+    exact: list[int]
+    lowrank: list[int]
+
+
+class LayerSpec(_Strict):
+    method: str
+    units: UnitSplit | None = None
+    gate: ProjSpec
+    up: ProjSpec
+    down: ProjSpec
+
+    def proj(self, p: str) -> ProjSpec:
+        return getattr(self, p)
+
+
+class ProjNames(_Strict):
+    """Checkpoint names of the expert projections (Mixtral: w1 / w3 / w2)."""
+
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+
+class TensorSpec(BaseModel):
+    """One tensor of a compressed layer: its checkpoint name, exact shape and dtype class."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    shape: tuple[int, ...]
+    dtype: Literal["float", "float32", "int32"]  # "float": the checkpoint's float dtype (bf16, fp16, fp32)
+    proj: str
+    suffix: str
+    expert: int | None  # None: shared per-layer tensor
+
+    @property
+    def is_param(self) -> bool:
+        """Counted as a parameter for the compression ratio (indices are reported separately)."""
+        return self.dtype != "int32"
+
+
+class MoELowRankConfig(_Strict):
+    """The ``quantization_config`` section of a compressed checkpoint's ``config.json``."""
+
+    quant_method: Literal["moe_lowrank"] = QUANT_METHOD
+    format_version: int
+    method: str
+    target_ratio: float | None = None
+    achieved_ratio: float | None = None
+    num_experts: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    moe_prefix: str  # e.g. "model.layers.{layer}.mlp.experts"
+    expert_names: ProjNames = ProjNames()
+    moe_layers: list[int]
+    layers: dict[int, LayerSpec]
+
+    @model_validator(mode="after")
+    def _validate(self) -> MoELowRankConfig:
+        if self.format_version != FORMAT_VERSION:
+            raise FormatError(
+                f"quantization_config.format_version={self.format_version} is not supported by this version of "
+                f"vllm-moe-lowrank (supports {FORMAT_VERSION}); re-convert the checkpoint or upgrade the plugin"
+            )
+        if "{layer}" not in self.moe_prefix:
+            raise FormatError(f"quantization_config.moe_prefix {self.moe_prefix!r} must contain '{{layer}}'")
+        for layer, spec in self.layers.items():
+            if layer not in self.moe_layers:
+                raise FormatError(f"quantization_config.layers.{layer}: layer {layer} is not in moe_layers")
+            _validate_layer(self, layer, spec)
+        return self
+
+    # ----- naming -------------------------------------------------------------------------------------------
+    def prefix(self, layer: int) -> str:
+        return self.moe_prefix.format(layer=layer)
+
+    def proj_name(self, p: str) -> str:
+        return getattr(self.expert_names, p)
+
+    def tensor_name(self, layer: int, p: str, suffix: str, expert: int | None) -> str:
+        where = SHARED if expert is None else str(expert)
+        return f"{self.prefix(layer)}.{where}.{self.proj_name(p)}.{suffix}"
+
+    def dense_layers(self) -> list[int]:
+        """MoE layers left uncompressed (stored as ordinary per-expert ``.weight`` tensors)."""
+        return [l for l in self.moe_layers if l not in self.layers]
+
+    # ----- shapes -------------------------------------------------------------------------------------------
+    def unit_count(self, layer: int, e: int, seg: Segment) -> int:
+        units = self.layers[layer].units
+        if units is None:
+            return self.intermediate_size
+        return {"all": units.exact[e] + units.lowrank[e], "exact": units.exact[e], "lowrank": units.lowrank[e]}[seg]
+
+    def io_dims(self, layer: int, p: str, e: int, seg: Segment) -> tuple[int, int]:
+        """(out, in) of projection p of expert e restricted to a unit segment."""
+        u = self.unit_count(layer, e, seg)
+        return (self.hidden_size, u) if p == "down" else (u, self.hidden_size)
+
+    def tensor_specs(self, layer: int) -> dict[str, TensorSpec]:
+        """Every tensor a compressed layer must have in the checkpoint, by name, with its exact shape."""
+        out: dict[str, TensorSpec] = {}
+
+        def add(p: str, suffix: str, shape: tuple[int, ...], dtype: str = "float", expert: int | None = None):
+            name = self.tensor_name(layer, p, suffix, expert)
+            out[name] = TensorSpec(name=name, shape=shape, dtype=dtype, proj=p, suffix=suffix, expert=expert)
+
+        spec = self.layers[layer]
+        E = self.num_experts
+        for p in PROJS:
+            ps = spec.proj(p)
+            if ps.dense is not None:
+                for e in range(E):
+                    add(p, "weight", self.io_dims(layer, p, e, ps.dense.units), expert=e)
+            if (lr := ps.lowrank) is not None:
+                for e in range(E):
+                    o, i = self.io_dims(layer, p, e, lr.units)
+                    r = lr.ranks[e]
+                    if lr.left_slots is None:
+                        add(p, "lr_u", (o, r), expert=e)
+                    if lr.right_groups is None and lr.num_bases is None:
+                        add(p, "lr_v", (r, i), expert=e)
+                    if lr.num_bases is not None:
+                        add(p, "lr_mix", (lr.num_bases,), "float32", expert=e)
+                o, i = self.io_dims(layer, p, 0, lr.units)
+                if lr.left_slots is not None:
+                    add(p, "lr_u", (o, sum(lr.slot_ranks())))
+                if lr.right_groups is not None:
+                    add(p, "lr_v", (sum(lr.group_ranks()), i))
+                if lr.num_bases is not None:
+                    add(p, "lr_v", (lr.num_bases * lr.ranks[0], i))
+            if (res := ps.residual) is not None:
+                for e in range(E):
+                    add(p, "res_eta", (self.io_dims(layer, p, e, "all")[0], res.width), expert=e)
+                add(p, "res_bucket", (max(res.groups) + 1, self.io_dims(layer, p, 0, "all")[1]), "int32")
+            if (base := ps.base) is not None:
+                add(p, "base", (self.hidden_size, self.intermediate_size))
+                if base.units == "lowrank":
+                    for e in range(E):
+                        add(p, "base_idx", (self.unit_count(layer, e, "lowrank"),), "int32", expert=e)
+        return out
+
+    def dense_tensor_specs(self, layer: int) -> dict[str, TensorSpec]:
+        """The ordinary per-expert tensors of an uncompressed MoE layer."""
+        out = {}
+        for p in PROJS:
+            for e in range(self.num_experts):
+                name = self.tensor_name(layer, p, "weight", e)
+                shape = (self.hidden_size, self.intermediate_size) if p == "down" else (
+                    self.intermediate_size, self.hidden_size)
+                out[name] = TensorSpec(name=name, shape=shape, dtype="float", proj=p, suffix="weight", expert=e)
+        return out
+
+    def all_expert_tensor_specs(self) -> dict[str, TensorSpec]:
+        out = {}
+        for layer in self.moe_layers:
+            out.update(self.tensor_specs(layer) if layer in self.layers else self.dense_tensor_specs(layer))
+        return out
+
+    def original_expert_params(self) -> int:
+        """Routed-expert parameters of the uncompressed model: 3·E·n·m per MoE layer."""
+        return 3 * self.num_experts * self.hidden_size * self.intermediate_size * len(self.moe_layers)
+
+    @classmethod
+    def from_hf_config(cls, hf_config: dict) -> MoELowRankConfig:
+        qc = hf_config.get("quantization_config")
+        if not isinstance(qc, dict):
+            raise FormatError("config.json has no quantization_config section; not a moe_lowrank checkpoint")
+        return cls.model_validate(qc)
+
+
+# ----- validation ---------------------------------------------------------------------------------------------
+def _validate_layer(cfg: MoELowRankConfig, layer: int, spec: LayerSpec) -> None:
+    E, m = cfg.num_experts, cfg.intermediate_size
+    where = f"quantization_config.layers.{layer}"
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise FormatError(f"{where}: {msg}")
+
+    def check_len(lst: list[int], what: str) -> None:
+        need(len(lst) == E, f"{what} has {len(lst)} entries, expected num_experts={E}")
+        need(all(v >= 0 for v in lst), f"{what} has negative entries")
+
+    if spec.units is not None:
+        check_len(spec.units.exact, "units.exact")
+        check_len(spec.units.lowrank, "units.lowrank")
+        for e in range(E):
+            need(spec.units.exact[e] + spec.units.lowrank[e] <= m,
+                 f"units of expert {e} exceed intermediate_size={m}")
+    for p in PROJS:
+        ps = spec.proj(p)
+        need(any(True for _ in ps.terms()), f"{p} has no terms")
+        segments = [getattr(t, "units", "all") for _, t in ps.terms()]
+        need(spec.units is not None or all(s == "all" for s in segments),
+             f"{p} uses unit segments {segments} but the layer has no units split")
+        if (lr := ps.lowrank) is not None:
+            check_len(lr.ranks, f"{p}.lowrank.ranks")
+            need(lr.right_groups is None or lr.num_bases is None,
+                 f"{p}.lowrank: right_groups and num_bases are exclusive")
+            unit_axis_shared = (lr.left_slots is not None and p != "down") or (
+                (lr.right_groups is not None or lr.num_bases is not None) and p == "down")
+            need(not (unit_axis_shared and spec.units is not None),
+                 f"{p}.lowrank shares a factor along the unit axis, which needs units == null")
+            for name, idx in (("right_groups", lr.right_groups), ("left_slots", lr.left_slots)):
+                if idx is not None:
+                    check_len(idx, f"{p}.lowrank.{name}")
+                    ranks: dict[int, int] = {}
+                    for e, g in enumerate(idx):
+                        need(ranks.setdefault(g, lr.ranks[e]) == lr.ranks[e],
+                             f"{p}.lowrank.{name}: experts sharing entry {g} must have equal ranks")
+                    need(sorted(ranks) == list(range(len(ranks))), f"{p}.lowrank.{name} must use ids 0..K-1")
+            if lr.num_bases is not None:
+                need(lr.num_bases > 0 and len(set(lr.ranks)) == 1, f"{p}.lowrank: a basis mix needs one rank")
+        if (res := ps.residual) is not None:
+            check_len(res.groups, f"{p}.residual.groups")
+            need(p != "down" or spec.units is None, "down.residual needs units == null")
+        if ps.base is not None:
+            need(p == "down", f"{p}.base: a base term is only defined for down")
+            need((ps.base.units == "lowrank") == (spec.units is not None),
+                 "down.base must use units='lowrank' with a units split and units='all' without one")
+
+
+# ----- reference materializer -------------------------------------------------------------------------------
+Getter = Callable[[str], torch.Tensor]
+
+
+def bucket_projection(bucket: torch.Tensor, width: int) -> torch.Tensor:
+    """P ``[in, width]`` with P[c, bucket[c]] = 1/sqrt(|bucket|), so PᵀP = I on non-empty buckets (RFID-MoE §3.4)."""
+    bucket = bucket.long()  # [in]
+    counts = torch.bincount(bucket, minlength=width).clamp(min=1).double()  # [width]
+    P = torch.zeros(bucket.numel(), width, dtype=torch.float64)  # [in, width]
+    P[torch.arange(bucket.numel()), bucket] = counts[bucket].rsqrt()
+    return P
+
+
+def _offset(sizes: list[int], k: int) -> int:
+    return sum(sizes[:k])
+
+
+def right_factor(cfg: MoELowRankConfig, layer: int, p: str, e: int, get: Getter) -> torch.Tensor:
+    """R_e ``[r_e, in]`` of the low-rank term (act applied), float64."""
+    lr = cfg.layers[layer].proj(p).lowrank
+    r = lr.ranks[e]
+    if lr.num_bases is not None:
+        bases = get(cfg.tensor_name(layer, p, "lr_v", None)).double()  # [J*r, in]
+        mix = get(cfg.tensor_name(layer, p, "lr_mix", e)).double()  # [J]
+        v = torch.einsum("j,jri->ri", mix, bases.view(lr.num_bases, r, -1))  # [r, in]
+    elif lr.right_groups is not None:
+        g = lr.right_groups[e]
+        off = _offset(lr.group_ranks(), g)
+        v = get(cfg.tensor_name(layer, p, "lr_v", None)).double()[off:off + r]  # [r, in]
+    else:
+        v = get(cfg.tensor_name(layer, p, "lr_v", e)).double()  # [r, in]
+    return apply_act(lr.act, v)
+
+
+def left_factor(cfg: MoELowRankConfig, layer: int, p: str, e: int, get: Getter) -> torch.Tensor:
+    """L_e ``[out, r_e]`` of the low-rank term, float64."""
+    lr = cfg.layers[layer].proj(p).lowrank
+    if lr.left_slots is not None:
+        s = lr.left_slots[e]
+        off = _offset(lr.slot_ranks(), s)
+        return get(cfg.tensor_name(layer, p, "lr_u", None)).double()[:, off:off + lr.ranks[e]]  # [out, r]
+    return get(cfg.tensor_name(layer, p, "lr_u", e)).double()  # [out, r]
+
+
+def materialize_projection(cfg: MoELowRankConfig, layer: int, p: str, e: int, get: Getter) -> torch.Tensor:
+    """Dense weight of projection p of expert e in float64, in compact unit order padded with zeros to m units.
+
+    gate/up: ``[m, n]``; down: ``[n, m]``. Pruned units are zero rows (gate/up) / columns (down), which leaves
+    the expert's function unchanged because silu(0)·0 = 0.
+    """
+    if layer not in cfg.layers:
+        return get(cfg.tensor_name(layer, p, "weight", e)).double()
+    ps = cfg.layers[layer].proj(p)
+    n, m = cfg.hidden_size, cfg.intermediate_size
+    full = torch.zeros((n, m) if p == "down" else (m, n), dtype=torch.float64)
+    # compact unit order of this expert: [exact | lowrank]; "all" spans both (or all m without a units split)
+    ex = cfg.unit_count(layer, e, "exact") if cfg.layers[layer].units is not None else 0
+    starts = {"all": 0, "exact": 0, "lowrank": ex}
+
+    def place(seg: str, w: torch.Tensor) -> None:
+        s, k = starts[seg], cfg.unit_count(layer, e, seg)
+        if p == "down":
+            full[:, s:s + k] += w
+        else:
+            full[s:s + k, :] += w
+
+    if ps.dense is not None:
+        place(ps.dense.units, get(cfg.tensor_name(layer, p, "weight", e)).double())
+    if ps.lowrank is not None:
+        place(ps.lowrank.units, left_factor(cfg, layer, p, e, get) @ right_factor(cfg, layer, p, e, get))
+    if (res := ps.residual) is not None:
+        g = res.groups[e]
+        P = bucket_projection(get(cfg.tensor_name(layer, p, "res_bucket", None))[g], res.width)  # [in, s]
+        place("all", get(cfg.tensor_name(layer, p, "res_eta", e)).double() @ P.T)
+    if (base := ps.base) is not None:
+        B = get(cfg.tensor_name(layer, p, "base", None)).double()  # [n, m]
+        if base.units == "lowrank":
+            place("lowrank", B[:, get(cfg.tensor_name(layer, p, "base_idx", e)).long()])
+        else:
+            place("all", B)
+    return full
+
+
+def materialize_expert(cfg: MoELowRankConfig, layer: int, e: int, get: Getter) -> dict[str, torch.Tensor]:
+    """{gate: [m, n], up: [m, n], down: [n, m]} of expert e, float64."""
+    return {p: materialize_projection(cfg, layer, p, e, get) for p in PROJS}
+
+
+def count_params(shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(math.prod(s) for s in shapes.values())
