@@ -12,7 +12,7 @@ import os
 import shutil
 import struct
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +33,19 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     file: str  # shard file name, relative to the checkpoint folder
     dtype: str  # safetensors dtype tag, e.g. "BF16"
     shape: tuple[int, ...]
+
+    @property
+    def float_dtype(self) -> torch.dtype | None:
+        """The torch dtype of a floating-point tensor; None for integer tensors."""
+        return _TORCH_DTYPES.get(self.dtype)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -139,28 +147,26 @@ class Checkpoint:
 
     def float_dtype(self) -> torch.dtype:
         """The dtype most floating-point weights are stored in."""
-        counts: dict[str, int] = defaultdict(int)
+        counts: dict[torch.dtype, int] = defaultdict(int)
         for t in self.tensors.values():
-            counts[t.dtype] += 1
-        for tag, dt in (("BF16", torch.bfloat16), ("F16", torch.float16), ("F32", torch.float32)):
-            if counts.get(tag, 0) == max(counts.values()):
-                return dt
-        return torch.float32
+            if t.float_dtype is not None:
+                counts[t.float_dtype] += 1
+        return max(counts, key=counts.get) if counts else torch.float32
+
+    def iter_tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield tensors one at a time. Each read maps its shard only while copying that tensor out, so the
+        mapped pages (which count as resident) never exceed one tensor."""
+        for n in names:
+            path = self.path / self.info(n).file
+            try:
+                with safe_open(path, framework="pt") as f:
+                    t = f.get_tensor(n)
+            except Exception as err:  # safetensors raises its own error types
+                raise CheckpointError(f"{path}: cannot read tensor {n!r}: {err}") from None
+            yield n, t
 
     def get_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Read tensors, opening each shard once and closing it afterwards."""
-        by_file: dict[str, list[str]] = defaultdict(list)
-        for n in names:
-            by_file[self.info(n).file].append(n)
-        out: dict[str, torch.Tensor] = {}
-        for file, group in by_file.items():
-            try:
-                with safe_open(self.path / file, framework="pt") as f:
-                    for n in group:
-                        out[n] = f.get_tensor(n)
-            except Exception as err:  # safetensors raises its own error types
-                raise CheckpointError(f"{self.path / file}: cannot read tensor(s) {group[:3]}: {err}") from None
-        return out
+        return dict(self.iter_tensors(names))
 
     def get(self, name: str) -> torch.Tensor:
         return self.get_many([name])[name]

@@ -51,23 +51,23 @@ def expert_tensor_names(ckpt: Checkpoint, arch: MoEArch, layer: int) -> list[str
 
 def load_expert_weights(ckpt: Checkpoint, arch: MoEArch, layer: int) -> ExpertWeights:
     names = expert_tensor_names(ckpt, arch, layer)
-    t = ckpt.get_many(names)
     E, n, m = arch.num_experts, arch.hidden_size, arch.intermediate_size
     if len(names) == 2:  # fused [E, 2m, n] + [E, n, m] (transformers) or transposed [E, n, 2m] + [E, m, n]
-        gu, d = t[names[0]], t[names[1]]
+        gu, d = ckpt.get(names[0]), ckpt.get(names[1])
         if gu.shape == (E, n, 2 * m) and gu.shape != (E, 2 * m, n):
             gu, d = gu.transpose(1, 2), d.transpose(1, 2)
         if gu.shape != (E, 2 * m, n) or d.shape != (E, n, m):
             raise CheckpointError(f"{ckpt.path}: fused expert tensors {names} have shapes {list(gu.shape)}, "
                                   f"{list(d.shape)}; expected [{E}, {2 * m}, {n}] and [{E}, {n}, {m}]")
         return ExpertWeights(gate=gu[:, :m].contiguous(), up=gu[:, m:].contiguous(), down=d.contiguous())
-    stacks = {}
-    for i, p in enumerate(("gate", "up", "down")):
-        want = (n, m) if p == "down" else (m, n)
-        ws = [t[names[3 * e + i]] for e in range(E)]
-        for e, w in enumerate(ws):
-            if tuple(w.shape) != want:
-                raise CheckpointError(f"{ckpt.path}: tensor {names[3 * e + i]!r} has shape {list(w.shape)}, "
-                                      f"expected {list(want)} from config.json")
-        stacks[p] = torch.stack(ws)
-    return ExpertWeights(**stacks)
+    dtype = ckpt.info(names[0]).float_dtype or torch.float32
+    out = ExpertWeights(gate=torch.empty(E, m, n, dtype=dtype), up=torch.empty(E, m, n, dtype=dtype),
+                        down=torch.empty(E, n, m, dtype=dtype))
+    for i, (name, w) in enumerate(ckpt.iter_tensors(names)):  # filled in place: no second copy of the layer
+        e, p = divmod(i, 3)
+        dst = out.proj(("gate", "up", "down")[p])[e]
+        if w.shape != dst.shape:
+            raise CheckpointError(f"{ckpt.path}: tensor {name!r} has shape {list(w.shape)}, expected "
+                                  f"{list(dst.shape)} from config.json")
+        dst.copy_(w)
+    return out

@@ -18,8 +18,6 @@ from vllm_moe_lowrank.format import PROJS, MoELowRankConfig, materialize_project
 from .checkpoint import Checkpoint, copy_aux_files, save_shard, write_index, write_json
 from .errors import OutputError
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
 
 def export_dense(compressed: str | Path, out: str | Path, dtype: torch.dtype | None = None,
                  overwrite: bool = False) -> Path:
@@ -39,8 +37,8 @@ def export_dense(compressed: str | Path, out: str | Path, dtype: torch.dtype | N
 
     expert_specs = cfg.all_expert_tensor_specs()
     if dtype is None:
-        tags = [ckpt.info(n).dtype for n, s in expert_specs.items() if s.dtype == "float"]
-        dtype = _DTYPES.get(max(set(tags), key=tags.count), torch.float32)
+        dtypes = [ckpt.info(n).float_dtype for n, s in expert_specs.items() if s.dtype == "float"]
+        dtype = max(set(dtypes), key=dtypes.count)
     # group the non-expert tensors by the shard they came from, so the export keeps the layer-per-shard layout
     by_file: dict[str, list[str]] = defaultdict(list)
     for name, info in ckpt.tensors.items():

@@ -45,6 +45,7 @@ class MethodContext:
     ratio: float
     device: torch.device
     load_experts: Any  # Callable[[int], ExpertWeights]: original experts of any MoE layer
+    dtype: torch.dtype = torch.float32  # dtype the factors are written in; methods may hold large factors in it
 
 
 class Method:

@@ -211,7 +211,8 @@ def _make_method(opts: ConvertOptions, arch: MoEArch, ckpt: Checkpoint) -> Metho
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConvertError(f"--device {opts.device}: no CUDA device is available; use --device cpu")
     ctx = MethodContext(arch=arch, ratio=opts.ratio, device=torch.device(opts.device),
-                        load_experts=lambda layer: load_expert_weights(ckpt, arch, layer))
+                        load_experts=lambda layer: load_expert_weights(ckpt, arch, layer),
+                        dtype=_out_dtype(opts, ckpt))
     method = build_method(opts.method, ctx, opts.options)
     method.check_feasible()
     return method
@@ -315,6 +316,7 @@ def _convert_layer(ckpt: Checkpoint, arch: MoEArch, method: Method, runner: Laye
             tensors.update(_dense_expert_tensors(arch, layer, weights))
         else:
             expert_tensors = _cast_layer(arch, method_name, layer, comp, out_dtype)
+            comp.tensors.clear()  # the cast copies are what gets written; free the method's originals
             tensors.update(expert_tensors)
             spec = comp.spec.model_dump(mode="json")
             report = {"status": "compressed", **comp.info,

@@ -54,10 +54,13 @@ class SVDMethod(Method):
                 for l in self.arch.moe_layers]
 
     def compress_layer(self, layer: int, weights: ExpertWeights, calib: LayerCalibration | None) -> CompressedLayer:
-        E, s = self.arch.num_experts, self.settings
-        dev = self.ctx.device
+        E, s, dev = self.arch.num_experts, self.settings, self.ctx.device
+        total = self._total_rank()
+        base = total // (3 * E)
         mean_gram = calib.mean_gram_in().to(dev) if calib is not None else None
-        svds = {}
+        # keep each factorization only up to rank base + 1 (in the output dtype) and the gain of its next rank
+        factors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        gains: dict[tuple[str, int], float] = {}
         for e in range(E):
             white_in = white_mid = None
             if calib is not None:
@@ -66,18 +69,16 @@ class SVDMethod(Method):
                 # down's inputs are this expert's intermediate activations; no layer mean exists for them
                 white_mid = whitening(regularize_gram(calib.gram_mid(e, weights).to(dev), n_e, None, s.damp))
             for p in PROJS:
-                svds[p, e] = whitened_svd(weights.get(p, e, torch.float64).to(dev),
-                                          white_mid if p == "down" else white_in)
-        keys = list(svds)
-        total = self._total_rank()
-        base = total // len(keys)
-        gains = torch.tensor([float(svds[k].sigma[base] ** 2) if base < svds[k].sigma.numel() else 0.0
-                              for k in keys])
-        ranks = dict(zip(keys, top_up_ranks(base, total, gains)))
+                svd = whitened_svd(weights.get(p, e, torch.float64).to(dev), white_mid if p == "down" else white_in)
+                gains[p, e] = float(svd.sigma[base] ** 2) if base < svd.sigma.numel() else 0.0
+                L, R = svd.factors(min(base + 1, svd.sigma.numel()))
+                factors[p, e] = (L.to("cpu", self.ctx.dtype), R.to("cpu", self.ctx.dtype))
+        keys = list(factors)
+        ranks = dict(zip(keys, top_up_ranks(base, total, torch.tensor([gains[k] for k in keys]))))
         tensors = {}
-        for (p, e), svd in svds.items():
-            L, R = svd.factors(ranks[p, e])
-            tensors[p, "lr_u", e], tensors[p, "lr_v", e] = L.cpu(), R.cpu()
+        for (p, e), (L, R) in factors.items():
+            r = ranks[p, e]
+            tensors[p, "lr_u", e], tensors[p, "lr_v", e] = L[:, :r].contiguous(), R[:r].contiguous()
         spec = LayerSpec(method=self.name, **{
             p: ProjSpec(lowrank=LowRankTerm(ranks=[ranks[p, e] for e in range(E)])) for p in PROJS})
         return CompressedLayer(spec=spec, tensors=tensors, info={"rank": base, "total_rank": total})
