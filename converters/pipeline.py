@@ -319,7 +319,11 @@ def _convert_layer(ckpt: Checkpoint, arch: MoEArch, method: Method, runner: Laye
             comp.tensors.clear()  # the cast copies are what gets written; free the method's originals
             tensors.update(expert_tensors)
             spec = comp.spec.model_dump(mode="json")
+            params = sum(t.numel() for t in expert_tensors.values() if t.is_floating_point())
             report = {"status": "compressed", **comp.info,
+                      "ranks": {p: comp.spec.proj(p).lowrank.ranks for p in PROJS if comp.spec.proj(p).lowrank},
+                      "params": params,
+                      "layer_ratio": 1 - params / (3 * arch.num_experts * arch.hidden_size * arch.intermediate_size),
                       **_layer_errors(arch, method_name, layer, comp, expert_tensors, weights, calib)}
         if calib is not None:
             report["tokens_per_expert"] = calib.counts().tolist()
