@@ -57,10 +57,10 @@ def _summary(report: dict) -> str:
             if "tokens_per_expert" in r:
                 lines.append(f"{layer:>5}  {'dense':<10}")
             continue
-        w = r["weight_rel_err"]
+        w = r["weight_rel_err"] or {}  # None when units are reordered (RS-MoE): only the output error applies
+        errs = [f"{w[p]:8.4f}" if p in w else f"{'-':>8}" for p in ("gate", "up", "down")]
         out = r.get("output_rel_err")
-        lines.append(f"{layer:>5}  {'compressed':<10}  {w['gate']:8.4f}  {w['up']:8.4f}  {w['down']:8.4f}  "
-                     f"{'-' if out is None else f'{out:8.4f}':>8}")
+        lines.append(f"{layer:>5}  {'compressed':<10}  {'  '.join(errs)}  {'-' if out is None else f'{out:8.4f}':>8}")
     return "\n".join(lines)
 
 

@@ -173,17 +173,23 @@ def _cast_layer(arch: MoEArch, method: str, layer: int, comp: CompressedLayer,
 def _layer_errors(arch: MoEArch, method: str, layer: int, comp: CompressedLayer, tensors: dict[str, torch.Tensor],
                   weights: ExpertWeights, calib: LayerCalibration | None) -> dict[str, Any]:
     """Relative errors of what is written: per projection ‖W − Ŵ‖_F / ‖W‖_F over all experts, and the routed
-    MoE output error on (up to 4096) calibration tokens."""
+    MoE output error on (up to 4096) calibration tokens.
+
+    A units split (RS-MoE) stores each expert's units in its own compact order, which changes the expert's weights
+    by a permutation but not its function; weight errors are then undefined (None) and the output error is the
+    measure."""
     cfg = _format_config(arch, method, 0.5, {layer: comp.spec})
     get = tensors.__getitem__
-    num = {p: 0.0 for p in PROJS}
-    den = {p: 0.0 for p in PROJS}
-    for e in range(arch.num_experts):
-        for p in PROJS:
-            w = weights.get(p, e, torch.float64)
-            num[p] += float((w - materialize_projection(cfg, layer, p, e, get)).square().sum())
-            den[p] += float(w.square().sum())
-    out: dict[str, Any] = {"weight_rel_err": {p: math.sqrt(num[p] / den[p]) if den[p] else 0.0 for p in PROJS}}
+    out: dict[str, Any] = {"weight_rel_err": None}
+    if comp.spec.units is None:
+        num = {p: 0.0 for p in PROJS}
+        den = {p: 0.0 for p in PROJS}
+        for e in range(arch.num_experts):
+            for p in PROJS:
+                w = weights.get(p, e, torch.float64)
+                num[p] += float((w - materialize_projection(cfg, layer, p, e, get)).square().sum())
+                den[p] += float(w.square().sum())
+        out["weight_rel_err"] = {p: math.sqrt(num[p] / den[p]) if den[p] else 0.0 for p in PROJS}
     if calib is not None:
         step = max(1, calib.num_tokens // _ERR_TOKENS)
         x, ids, w = calib.x[::step].float(), calib.topk_ids[::step], calib.topk_weights[::step]
