@@ -4,14 +4,20 @@
 
 Every run uses the same calibration (fixtures/.../calib.txt, 128 × 256 tokens, seed 42, float32 factors) and the
 same evaluation (first 16,384 tokens of eval.txt in 256-token windows), so rows compare across methods. Results
-are upserted into benchmarks/results/quality_<method>.json, keyed by (variant, ratio); a markdown table of the
-file (with the svd baseline and the dense model beside it) is printed.
+are upserted into benchmarks/results/quality_<method>.json, keyed by (variant, ratio), under a file lock (parallel
+sweeps of one method keep each other's rows); a markdown table of the file (with the svd baseline and the dense
+model beside it) is printed. A ratio the method refuses is recorded as ``"status": "infeasible"`` with its reason.
+Each row also records the conversion's CPU time and peak RSS. ``--backend vllm`` scores through vLLM prompt
+logprobs (``moe-eval ppl``'s default) instead of transformers on the dense export; both agree within 0.1%.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -29,35 +35,120 @@ DENSE_PPL_KEY = "dense"
 
 
 def machine() -> str:
-    import os
+    """The machine in words: CPU model, cores, RAM, OS, Python and torch versions."""
+    cpu = platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu += " " + line.split(":", 1)[1].strip()
+                break
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    try:
+        import torch
 
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_implementation()} " \
-           f"{platform.python_version()}"
+        tv = f", torch {torch.__version__}"
+    except ImportError:
+        tv = ""
+    return (f"{cpu}, {os.cpu_count()} CPU cores, {ram:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+            f"{platform.python_implementation()} {platform.python_version()}{tv}")
 
 
-def run_one(method: str, ratio: float, variant: str, options: list[str]) -> dict:
-    from vllm_moe_lowrank.evaluation.perplexity import perplexity
+def measured_run(cmd: list[str], log: Path | None = None) -> dict:
+    """Run ``cmd``; {returncode, stderr, wall_s, cpu_s (user+sys), peak_rss_bytes} of that process alone."""
+    t0 = time.time()
+    with open(log or os.devnull, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child (and its waited-for children) only
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"returncode": proc.returncode, "stderr": log.read_text() if log else "", "wall_s": time.time() - t0,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * 1024}  # Linux: KiB
 
-    out = CACHE / f"{method}-{variant}-{ratio}"
+
+def convert_cmd(method: str, ratio: float, out: Path, options: list[str], src: Path = FIXTURE) -> list[str]:
     cmd = [sys.executable, "-m", "vllm_moe_lowrank.converters.cli", "--method", method, "--ratio", str(ratio),
-           str(FIXTURE), str(out), "--overwrite", *CALIB]
+           str(src), str(out), "--overwrite", *CALIB]
     for o in options:
         cmd += ["-o", o]
-    t0 = time.time()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    convert_s = time.time() - t0
+    return cmd
+
+
+def refusal(stderr: str) -> str | None:
+    """The converter's own message when it refused the ratio as infeasible (exit 2), else None."""
+    for line in stderr.splitlines()[::-1]:
+        if line.startswith("moe-convert: error:") and "infeasible" in line:
+            return line.removeprefix("moe-convert: error:").strip()
+    return None
+
+
+def run_one(method: str, ratio: float, variant: str, options: list[str], backend: str = "transformers",
+            work: Path = CACHE) -> dict:
+    """Convert the fixture and measure held-out perplexity; an infeasible ratio gives a row saying so."""
+    from vllm_moe_lowrank.evaluation.perplexity import perplexity
+
+    out = work / f"{method}-{variant}-{ratio}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.with_name(out.name + ".log")
+    run = measured_run(convert_cmd(method, ratio, out, options), log)
+    base = {"method": method, "variant": variant, "options": options, "ratio": ratio}
+    if run["returncode"]:
+        reason = refusal(run["stderr"])
+        if reason is None:
+            raise RuntimeError(f"moe-convert {method} --ratio {ratio} failed (exit {run['returncode']}):\n"
+                               f"{run['stderr'][-3000:]}")
+        log.unlink()
+        return {**base, "status": "infeasible", "reason": reason}
+    log.unlink()
     report = json.loads((out / "moe_lowrank_report.json").read_text())
     t0 = time.time()
-    ppl = perplexity(out, FIXTURE / "eval.txt")["ppl"]
-    row = {"method": method, "variant": variant, "options": options, "ratio": ratio,
-           "achieved_ratio": round(report["achieved_ratio"], 5), "ppl": round(ppl, 4),
-           "convert_s": round(convert_s, 1), "eval_s": round(time.time() - t0, 1)}
+    if backend == "vllm":  # its own process: one vLLM engine per process is what vLLM supports well
+        res, plog = out.with_name(out.name + ".ppl.json"), out.with_name(out.name + ".ppl.log")
+        with open(plog, "w") as f:
+            rc = subprocess.run([sys.executable, "-m", "vllm_moe_lowrank.evaluation.cli", "ppl", str(out), "--text",
+                                 str(FIXTURE / "eval.txt"), "--backend", "vllm", "--out", str(res)],
+                                stdout=f, stderr=subprocess.STDOUT).returncode
+        if rc:
+            raise RuntimeError(f"moe-eval ppl {out} --backend vllm failed (exit {rc}):\n{plog.read_text()[-3000:]}")
+        ppl = json.loads(res.read_text())["ppl"]
+        res.unlink()
+        plog.unlink()
+    else:
+        ppl = perplexity(out, FIXTURE / "eval.txt", backend=backend)["ppl"]
+    row = {**base, "achieved_ratio": round(report["achieved_ratio"], 5), "ppl": round(ppl, 4),
+           "convert_s": round(run["wall_s"], 1), "eval_s": round(time.time() - t0, 1),
+           "convert_cpu_s": round(run["cpu_s"], 1), "peak_rss_mb": round(run["peak_rss_bytes"] / 2**20)}
+    if backend != "transformers":
+        row["backend"] = backend
     shutil.rmtree(out)
     return row
 
 
-def load(method: str) -> dict:
-    f = RESULTS / f"quality_{method}.json"
+@contextlib.contextmanager
+def locked(results: Path = RESULTS):
+    """Exclusive lock over the result files' read-modify-write (parallel sweeps)."""
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def upsert(method: str, row: dict, results: Path = RESULTS) -> None:
+    """Insert or replace the row of (variant, ratio) in quality_<method>.json, re-reading the file under the lock."""
+    with locked(results):
+        data = load(method, results)
+        data["rows"] = [r for r in data["rows"] if (r["variant"], r["ratio"]) != (row["variant"], row["ratio"])]
+        data["rows"].append(row)
+        data["machine"] = machine()
+        f = results / f"quality_{method}.json"
+        tmp = f.with_name(f.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, f)
+
+
+def load(method: str, results: Path = RESULTS) -> dict:
+    f = results / f"quality_{method}.json"
     return json.loads(f.read_text()) if f.is_file() else {"method": method, "rows": []}
 
 
@@ -66,18 +157,21 @@ def dense_ppl() -> float:
     if not f.is_file():
         from vllm_moe_lowrank.evaluation.perplexity import perplexity
 
-        f.write_text(json.dumps({"ppl": round(perplexity(FIXTURE, FIXTURE / "eval.txt")["ppl"], 4),
+        f.write_text(json.dumps({"ppl": round(perplexity(FIXTURE, FIXTURE / "eval.txt", backend="transformers")["ppl"], 4),
                                  "machine": machine()}, indent=2) + "\n")
     return json.loads(f.read_text())["ppl"]
 
 
 def table(method: str) -> str:
     rows = load(method)["rows"]
-    base = {r["ratio"]: r["ppl"] for r in load("svd")["rows"] if r["variant"] == "default"}
+    base = {r["ratio"]: r["ppl"] for r in load("svd")["rows"] if r["variant"] == "default" and "ppl" in r}
     lines = [f"dense fixture ppl: {dense_ppl():.2f}", "",
              "| method | variant | ratio | achieved | ppl | svd ppl | convert s |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["variant"] != "default", r["variant"], r["ratio"])):
         b = base.get(r["ratio"])
+        if r.get("status") == "infeasible":
+            lines.append(f"| {r['method']} | {r['variant']} | {r['ratio']} | infeasible | - | - | - |")
+            continue
         lines.append(f"| {r['method']} | {r['variant']} | {r['ratio']} | {r['achieved_ratio']:.4f} | {r['ppl']:.2f} "
                      f"| {'-' if b is None else f'{b:.2f}'} | {r['convert_s']} |")
     return "\n".join(lines)
@@ -89,16 +183,14 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8])
     ap.add_argument("--variant", default="default", help="name of this configuration (ablation) in the table")
     ap.add_argument("-o", "--option", dest="options", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     ap.add_argument("--table-only", action="store_true")
     a = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not a.table_only:
-        data = load(a.method)
         for ratio in a.ratios:
-            row = run_one(a.method, ratio, a.variant, a.options)
-            data["rows"] = [r for r in data["rows"] if (r["variant"], r["ratio"]) != (a.variant, ratio)] + [row]
-            data["machine"] = machine()
-            (RESULTS / f"quality_{a.method}.json").write_text(json.dumps(data, indent=2) + "\n")
+            row = run_one(a.method, ratio, a.variant, a.options, a.backend)
+            upsert(a.method, row)
             print(json.dumps(row), flush=True)
     print(table(a.method))
 
