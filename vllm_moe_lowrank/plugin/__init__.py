@@ -1,0 +1,20 @@
+"""vLLM plugin: the ``moe_lowrank`` quantization method (config, MoE method, weight loading)."""
+
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    """Register ``moe_lowrank`` with vLLM. Idempotent and lazy: vLLM is imported only here, when vLLM calls it."""
+    global _registered
+    if _registered:
+        return
+    from vllm.model_executor.layers.quantization import register_quantization_config
+
+    from vllm_moe_lowrank.format import QUANT_METHOD
+
+    from .config import MoELowRankQuantConfig
+
+    register_quantization_config(QUANT_METHOD)(MoELowRankQuantConfig)
+    _registered = True

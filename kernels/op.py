@@ -1,0 +1,37 @@
+"""The ``moe_lowrank::experts`` torch custom op: opaque to torch.compile (Dynamo), eager inside.
+
+Layouts are static Python objects, so the op gets the layer's tensors as a list and looks the layout up by key.
+The torch implementation serves every device; a CUDA/Triton kernel can later be added with
+``experts_op.register_kernel("cuda")`` without touching the plugin.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import vllm_moe_lowrank
+
+from .layout import LayerLayout
+from .torch_ref import experts_forward
+
+# One registry per process, even if this file is imported twice: with the repository root on sys.path,
+# something probing for the unrelated hub package ``kernels`` imports ./kernels as a top-level package too.
+_LAYOUTS: dict[str, LayerLayout] = vllm_moe_lowrank.__dict__.setdefault("_kernel_layouts", {})
+
+
+def register_layout(layout: LayerLayout) -> None:
+    if not layout.key:
+        raise ValueError("a layout needs a non-empty key to be used through the kernel op")
+    _LAYOUTS[layout.key] = layout
+
+
+@torch.library.custom_op("moe_lowrank::experts", mutates_args=())
+def experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, tensors: list[torch.Tensor],
+               layer_key: str) -> torch.Tensor:
+    layout = _LAYOUTS[layer_key]
+    return experts_forward(layout, dict(zip(layout.tensor_names, tensors)), x, topk_weights, topk_ids)
+
+
+@experts_op.register_fake
+def _(x, topk_weights, topk_ids, tensors, layer_key):
+    return torch.empty_like(x)

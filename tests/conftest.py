@@ -1,0 +1,58 @@
+"""Shared fixtures. vLLM tests (``@pytest.mark.vllm``) are skipped when vLLM is not installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+# vLLM's spawned engine/worker processes must find tests/vllm_probe.py (LLM.apply_model) and use little memory
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model with an importable function
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAVE_VLLM:
+        return
+    skip = pytest.mark.skip(reason="vLLM is not installed")
+    for item in items:
+        if "vllm" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def case_root(tmp_path_factory) -> Path:
+    from vllm_cases import cache_dir
+
+    return cache_dir(tmp_path_factory.mktemp("moe-lowrank-cases"))
+
+
+@pytest.fixture(scope="session")
+def checkpoints(case_root):
+    """checkpoints(name) -> (compressed, dense export); built once per session."""
+    from vllm_cases import build_case
+
+    return lambda name: build_case(name, case_root)
+
+
+@pytest.fixture(scope="session")
+def hf_refs(case_root):
+    """hf_refs(name) -> prompts and transformers' greedy tokens on the dense export; computed once."""
+    from vllm_cases import references
+
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            cache[name] = references(name, case_root)
+        return cache[name]
+
+    return get

@@ -1,0 +1,100 @@
+"""``MoELowRankQuantConfig``: vLLM's view of a checkpoint's ``quantization_config`` (format.MoELowRankConfig)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from vllm.model_executor.layers.fused_moe import RoutedExperts
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+
+from vllm_moe_lowrank.format import QUANT_METHOD, SHARED, FormatError, MoELowRankConfig
+
+# Per-layer tensors carry no expert index, so vLLM's expert mapping would drop them. Rename them onto expert 0
+# (".experts.shared.<proj>.<suffix>" -> ".experts.0.<proj>.shared_<suffix>"): they then reach the parameter
+# "w13_shared_<suffix>" / "w2_shared_<suffix>" whose loader ignores the expert id. Idempotent.
+_SHARED_RE = re.compile(rf"\.experts\.{SHARED}\.([^.]+)\.([^.]+)$")
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _validation_message(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+class MoELowRankQuantConfig(QuantizationConfig):
+    """Compressed routed experts (moe_lowrank format); every other layer is unquantized."""
+
+    def __init__(self, fmt: MoELowRankConfig | None = None):
+        super().__init__()
+        if fmt is None:
+            raise FormatError("--quantization moe_lowrank needs a checkpoint written by moe-convert: its "
+                              "config.json has no quantization_config section")
+        self.fmt = fmt
+
+    # ----- identity ---------------------------------------------------------------------------------------------
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # the quantization_config section of config.json
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MoELowRankQuantConfig:
+        try:
+            return cls(MoELowRankConfig.model_validate(config))
+        except ValidationError as err:
+            raise FormatError(f"moe_lowrank: invalid quantization_config in config.json: "
+                              f"{_validation_message(err)}") from None
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        """Check the checkpoint's expert tensors against the config before anything loads (local folders)."""
+        path = Path(model_name)
+        if not (path / "config.json").is_file():
+            return  # a hub id: the loaders' own checks still apply
+        from vllm_moe_lowrank.converters.verify import verify_checkpoint
+
+        try:
+            verify_checkpoint(path)
+        except FormatError as err:
+            raise FormatError(f"moe_lowrank: {err}") from None
+
+    # ----- per layer --------------------------------------------------------------------------------------------
+    def layer_index(self, prefix: str) -> int | None:
+        m = _LAYER_RE.search(prefix)
+        return int(m.group(1)) if m else None
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, LinearBase):
+            return UnquantizedLinearMethod()
+        if isinstance(layer, RoutedExperts):
+            idx = self.layer_index(prefix)
+            if idx in self.fmt.layers:
+                from .method import MoELowRankMoEMethod
+
+                return MoELowRankMoEMethod(self.fmt, idx, layer.moe_config)
+            return UnquantizedFusedMoEMethod(layer.moe_config)  # an MoE layer the converter left dense
+        return None
+
+    def get_checkpoint_weight_mapper(self):
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        return QuantizationConfig.get_checkpoint_weight_mapper() | WeightsMapper(
+            orig_to_new_regex={_SHARED_RE: r".experts.0.\1.shared_\2"})
