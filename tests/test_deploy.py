@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from dockerfile import exec_form, only
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -41,34 +42,6 @@ def run_tool(*cmd: str) -> subprocess.CompletedProcess:
     # PATH includes the venv's bin: hadolint runs shellcheck on RUN instructions when it finds it there.
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PATH": TOOL_PATH})
-
-
-# ----- a minimal Dockerfile reader --------------------------------------------------------------------------------
-def instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    out, current = [], ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            current += line[:-1] + " "
-            continue
-        current += line
-        word, _, rest = current.partition(" ")
-        out.append((word.upper(), rest.strip()))
-        current = ""
-    return out
-
-
-def only(path: Path, name: str) -> list[str]:
-    return [args for word, args in instructions(path) if word == name]
-
-
-def exec_form(args: str) -> list[str]:
-    value = json.loads(args)
-    assert isinstance(value, list), f"{args!r} must be exec (JSON) form"
-    return value
 
 
 def load_compose() -> dict:

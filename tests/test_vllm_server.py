@@ -2,6 +2,10 @@
 
 Completions, chat and streaming equal transformers on the dense export token for token; 32 concurrent streaming
 requests each equal the same request run alone. One server per format (module fixture), enforce_eager.
+
+Each server is the CPU image's command sequence run outside Docker: the environment comes from
+deploy/install-cpu.sh (``make venv``), the command is deploy/Dockerfile.cpu's ENTRYPOINT plus arguments, and
+readiness is the image's own probe, deploy/healthcheck.py.
 """
 
 from __future__ import annotations
@@ -10,14 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from vllm_cases import CONVERTER_CASES, FIXTURE, MAX_TOKENS
+from dockerfile import cpu_image_entrypoint
+from vllm_cases import CONVERTER_CASES, FIXTURE, MAX_TOKENS, ROOT
 
 pytestmark = pytest.mark.vllm
 START_TIMEOUT = 400
@@ -30,18 +33,14 @@ def free_port() -> int:
 
 
 def wait_healthy(proc: subprocess.Popen, port: int, log: Path) -> None:
-    deadline = time.time() + START_TIMEOUT
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"vllm serve not healthy after {START_TIMEOUT}s:\n{log.read_text()[-4000:]}")
+    """deploy/healthcheck.py --wait: the image's startup probe (/v1/models lists the model, then /health)."""
+    state = log.with_name("healthcheck.state")
+    r = subprocess.run([sys.executable, str(ROOT / "deploy" / "healthcheck.py"), "--base-url",
+                        f"http://127.0.0.1:{port}", "--state-file", str(state), "--wait", str(START_TIMEOUT),
+                        "--pid", str(proc.pid)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"vllm serve not healthy (healthcheck exit {r.returncode}: {r.stdout}{r.stderr}):\n"
+                           f"{log.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="module", params=list(CONVERTER_CASES))
@@ -53,8 +52,9 @@ def server(request, checkpoints, hf_refs, tmp_path_factory):
     ref = hf_refs(name)
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    vllm_bin = Path(sys.executable).with_name("vllm")
-    cmd = [str(vllm_bin), "serve", str(comp), "--quantization", "moe_lowrank", "--dtype", "float32",
+    entrypoint = cpu_image_entrypoint()  # ["vllm", "serve"], resolved in this environment's bin folder
+    cmd = [str(Path(sys.executable).with_name(entrypoint[0])), *entrypoint[1:], str(comp), "--quantization",
+           "moe_lowrank", "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "512", "--seed", "0", "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", name]
     with open(log, "w") as f:
