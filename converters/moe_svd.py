@@ -1,0 +1,539 @@
+"""``moe-svd``: MoE-SVD (Li et al., ICML 2025; paper 003): selective decomposition, shared V, U-trimming.
+
+1. Plan pass (§3.2): every MoE layer gets its sensitivity S_L = Σ_i f_i·p_i·a_i (Eq. 4, App. Alg. 1) and, by
+   default, the measured damage of its decomposition (RMS MoE-output change over RMS residual stream, [ours]);
+   the least sensitive layers are decomposed first, the others stay dense. The fewest layers that can reach
+   ``--ratio`` are decomposed and the rank is the free variable that lands the budget exactly (``num_layers``
+   trades layers for rank).
+2. Per decomposed layer, projection and expert group: activation-weighted SVD (Eq. 2, App. D.1) of the group's
+   most frequent expert e*; its right factor V_rᵀ·S_{e*}⁻¹ is shared by the group (Eq. 5-6) with the whitening
+   folded in — no per-expert inverse.
+3. U-trimming (Eq. 7-8, App. Alg. 3): the expert at frequency rank π in its group uses left combination
+   c = min(π, k_U − 1), i.e. {U_1}, {U_1+U_2}, ..., so a group holds exactly k_U left slots and experts sharing a
+   slot are one function. How a slot matrix is formed is the ``combine`` option: the paper's Eq. 8 sum, Alg. 3's
+   product, or a least-squares refit (default, chosen by the measured ablation in docs/methods/moe-svd.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import field_validator
+
+from vllm_moe_lowrank.format import (FORMAT_VERSION, PROJS, LayerSpec, LowRankTerm, MoELowRankConfig, ProjSpec,
+                                     materialize_projection)
+
+from .calibration import LayerCalibration, dense_expert_fn, moe_output
+from .errors import RatioError
+from .experts import ExpertWeights
+from .method import CompressedLayer, Method, MethodSettings
+from .whitening import Whitening, regularize_gram, whitened_svd, whitening
+
+
+class MoESVDSettings(MethodSettings):
+    # sensitivity: S_L (Eq. 4); measured: output error of the decomposition relative to the residual stream [ours];
+    # uniform: every layer (Table 4's uniform SVD); reverse: most sensitive S_L first (a check of the metric)
+    selection: Literal["measured", "sensitivity", "uniform", "reverse"] = "measured"
+    # first/last MoE layer: last = only when the ratio needs them, any = as the metric says, never = refuse;
+    # auto: last for the S_L selections (the paper never picks them), any for measured (it sees them)
+    edges: Literal["auto", "last", "any", "never"] = "auto"
+    layers: list[int] | None = None  # explicit decomposed layers (overrides selection and num_layers)
+    # decomposed layers: min = the fewest that reach the ratio (most layers stay dense, lowest rank), max = the most
+    # (highest rank), or a number; the rank is what lands the budget exactly
+    num_layers: int | Literal["min", "max"] = "min"
+    share: bool = True  # False: per-expert whitened SVD in the selected layers (no sharing, no trimming)
+    k_u: int | None = None  # left slots kept per group; None: paper default (E/4 for E <= 16, else 2 per 8)
+    group_size: int | None = None  # experts per sharing group; None: E for E <= 16, else 8
+    combine: Literal["refit", "sum", "mean", "eq8", "alg3"] = "refit"  # slot matrix of a combination (Eq. 8)
+    tau: float = 2.0  # activation-outlier threshold of a_i (App. Alg. 1)
+    p_threshold: float = 1e-2  # principal rank p_i counts σ_j > p_threshold·σ_max (App. Alg. 1)
+    damp: float = 1e-4
+    shrink: float = 0.1
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [int(s) for s in v.replace(" ", "").split(",") if s]
+        return v
+
+
+@dataclass(frozen=True)
+class Factorization:
+    """One (projection, group) of a decomposed layer: parameters per unit of rank and the rank cap."""
+
+    proj: str
+    group: int
+    cost: int  # params per rank: k·out + in (shared) or out + in (per expert)
+    cap: int
+
+
+def allocate_ranks(budget: int, facts: list[Factorization], gains: list[torch.Tensor] | None = None) -> list[int]:
+    """Largest uniform rank r with Σ cost·min(r, cap) ≤ budget, then +1 ranks in order of gains[i][r] (σ² the
+    next rank removes) while the leftover allows; returns one rank per factorization (0 if even r=1 is over)."""
+    top = max(f.cap for f in facts)
+    used = lambda r: sum(f.cost * min(r, f.cap) for f in facts)  # noqa: E731
+    lo, hi = 0, top
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if used(mid) <= budget else (lo, mid - 1)
+    ranks = [min(lo, f.cap) for f in facts]
+    left = budget - used(lo)
+    gain = [float(g[r]) if gains is not None and r < g.numel() else 0.0 for g, r in
+            zip(gains or [torch.zeros(0)] * len(facts), ranks)]
+    for i in sorted(range(len(facts)), key=lambda i: (-gain[i], i)):
+        if ranks[i] < facts[i].cap and facts[i].cost <= left:
+            ranks[i] += 1
+            left -= facts[i].cost
+    return ranks
+
+
+class MoESVDMethod(Method):
+    name = "moe-svd"
+    Settings = MoESVDSettings
+
+    def __init__(self, ctx, settings: MoESVDSettings):
+        super().__init__(ctx, settings)
+        s, a = settings, self.arch
+        self.needs_plan_pass = s.layers is None and s.selection != "uniform"
+        self.E, self.n, self.m = a.num_experts, a.hidden_size, a.intermediate_size
+        self.L = list(a.moe_layers)
+        self.D = 3 * self.E * self.n * self.m  # dense params of one MoE layer
+        self._obs: dict[int, dict[str, Any]] = {}
+        self._hidden_ms: dict[int, float] = {}  # mean ‖h‖² of each decoder layer's output (selection=measured)
+        self._plan: dict[str, Any] | None = None
+
+    # ----- geometry ---------------------------------------------------------------------------------------------
+    def group_size(self) -> int:
+        return self.settings.group_size or (self.E if self.E <= 16 else 8)
+
+    def groups(self) -> list[list[int]]:
+        """Contiguous expert groups of near-equal size (App. D.3: DeepSeek 8 groups of 8)."""
+        G = math.ceil(self.E / min(self.group_size(), self.E))
+        return [[e for e in range(self.E) if e * G // self.E == g] for g in range(G)]
+
+    def k_u(self, size: int) -> int:
+        """Left slots kept in a group of ``size`` experts (App. D.3: 8 → 2, 16 → 4, groups of 8 → 2)."""
+        k = self.settings.k_u if self.settings.k_u is not None else max(1, self.group_size() // 4)
+        return min(k, size)
+
+    def io(self, p: str) -> tuple[int, int]:
+        return (self.n, self.m) if p == "down" else (self.m, self.n)
+
+    def factorizations(self) -> list[Factorization]:
+        out = []
+        for p in PROJS:
+            o, i = self.io(p)
+            if self.settings.share:
+                out += [Factorization(p, g, self.k_u(len(mem)) * o + i, min(o, i))
+                        for g, mem in enumerate(self.groups())]
+            else:
+                out += [Factorization(p, e, o + i, min(o, i)) for e in range(self.E)]
+        return out
+
+    def layer_kept(self, rank: int) -> int:
+        return sum(f.cost * min(rank, f.cap) for f in self.factorizations())
+
+    # ----- ratio → number of decomposed layers ------------------------------------------------------------------
+    def total_budget(self) -> int:
+        return math.floor((1.0 - self.ctx.ratio) * self.D * len(self.L))
+
+    def ratio_range(self, N: int) -> tuple[float, float]:
+        """Ratios reachable by decomposing N layers (rank from its cap down to 1)."""
+        LD = self.D * len(self.L)
+        hi_keep = (len(self.L) - N) * self.D + N * self.layer_kept(max(f.cap for f in self.factorizations()))
+        lo_keep = (len(self.L) - N) * self.D + N * self.layer_kept(1)
+        return 1 - hi_keep / LD, 1 - lo_keep / LD
+
+    def edges(self) -> str:
+        s = self.settings
+        return s.edges if s.edges != "auto" else ("any" if s.selection == "measured" else "last")
+
+    def allowed(self) -> list[int]:
+        """Layers that may be decomposed, in the order they are considered (before sensitivity sorting)."""
+        if self.edges() == "never":
+            return self.L[1:-1]
+        return list(self.L)
+
+    def feasible(self, N: int) -> bool:
+        B = self.total_budget()
+        dense = (len(self.L) - N) * self.D
+        caps = max(f.cap for f in self.factorizations())
+        return dense + N * self.layer_kept(1) <= B <= dense + N * self.layer_kept(caps) and B - dense >= 0
+
+    def num_decomposed(self) -> int:
+        s = self.settings
+        if s.layers is not None:
+            N, where = len(s.layers), f"layers={','.join(map(str, s.layers))}"
+        elif s.selection == "uniform":
+            N, where = len(self.L), "selection=uniform"
+        elif isinstance(s.num_layers, int):
+            N, where = s.num_layers, f"num_layers={s.num_layers}"
+        else:
+            candidates = range(1, len(self.allowed()) + 1)
+            for N in (candidates if s.num_layers == "min" else reversed(candidates)):
+                if self.feasible(N):
+                    return N
+            ranges = ", ".join(f"{max(lo, 0):.4f}-{hi:.4f} (N={N})" for N in range(1, len(self.allowed()) + 1)
+                               for lo, hi in [self.ratio_range(N)])
+            raise RatioError(f"--ratio {self.ctx.ratio}: infeasible for moe-svd on this model ({self._desc()}, "
+                             f"edges={self.edges()}): decomposing N of the {len(self.allowed())} allowed MoE layers "
+                             f"reaches ratios {ranges}; pick a ratio in these ranges or change -o k_u / group_size "
+                             "/ edges")
+        top = len(self.allowed()) if isinstance(s.num_layers, int) and s.layers is None else len(self.L)
+        if not 1 <= N <= top:
+            raise RatioError(f"-o {where}: must decompose 1..{top} layers on this model (edges={self.edges()})")
+        if not self.feasible(N):
+            lo, hi = self.ratio_range(N)
+            raise RatioError(f"--ratio {self.ctx.ratio}: infeasible for moe-svd with {where} and {self._desc()}: "
+                             f"decomposing {N} layer(s) reaches ratios {max(lo, 0):.4f} to {hi:.4f} only")
+        return N
+
+    def _desc(self) -> str:
+        s = self.settings
+        if not s.share:
+            return "share=false"
+        return f"k_u={self.k_u(self.group_size())} of group_size={self.group_size()}"
+
+    def check_feasible(self) -> None:
+        s, E = self.settings, self.E
+        if s.group_size is not None and not 1 <= s.group_size <= E:
+            raise RatioError(f"-o group_size={s.group_size}: must be in 1..{E}")
+        if s.k_u is not None and not 1 <= s.k_u <= self.group_size():
+            raise RatioError(f"-o k_u={s.k_u}: must be in 1..group_size={self.group_size()}")
+        if not s.share and (s.k_u is not None or s.group_size is not None or s.combine != "refit"):
+            raise RatioError("-o share=false decomposes every expert on its own: k_u, group_size and combine "
+                             "do not apply")
+        if s.layers is not None:
+            bad = [l for l in s.layers if l not in self.L]
+            if bad or len(set(s.layers)) != len(s.layers):
+                raise RatioError(f"-o layers={s.layers}: must be distinct MoE layers among {self.L}")
+        self.num_decomposed()
+
+    def dry_run(self) -> list[dict[str, Any]]:
+        N = self.num_decomposed()
+        plan = self._select({l: 0.0 for l in self.L}) if not self.needs_plan_pass else None
+        per = (self.total_budget() - (len(self.L) - N) * self.D) // N
+        r = allocate_ranks(per, self.factorizations())
+        chosen = plan["decomposed"] if plan else None
+        return [{"layer": l, "decomposed": "decided by the plan pass" if chosen is None else str(l) in chosen,
+                 "rank": f"{min(r)}-{max(r)}" if min(r) != max(r) else r[0], "decomposed_layers": N,
+                 "params_if_decomposed": per} for l in self.L]
+
+    # ----- plan pass: sensitivity (Eq. 4) and selection ---------------------------------------------------------
+    def observe_hidden(self, layer: int, hidden: list[torch.Tensor]) -> None:
+        total = sum(float(h.float().square().sum(dtype=torch.float64)) for h in hidden)  # one batch at a time
+        self._hidden_ms[layer] = total / max(sum(h.numel() // h.shape[-1] for h in hidden), 1)
+
+    def observe_layer(self, layer: int, weights: ExpertWeights, calib: LayerCalibration | None) -> None:
+        obs = layer_sensitivity(weights, calib, self.settings.tau, self.settings.p_threshold)
+        if self.settings.selection == "measured":
+            N = self.num_decomposed()
+            comp = self.compress_with_budget(layer, weights, calib,
+                                             (self.total_budget() - (len(self.L) - N) * self.D) // N)
+            obs["error"] = residual_error(self.arch, layer, comp, weights, calib, self._hidden_ms[layer])
+        self._obs[layer] = obs
+
+    def make_plan(self) -> dict[str, Any]:
+        key = "error" if self.settings.selection == "measured" else "S"
+        return self._select({l: self._obs[l][key] for l in self.L}, self._obs)
+
+    def load_plan(self, plan: dict[str, Any]) -> None:
+        self._plan = plan
+
+    def _select(self, sens: dict[int, float], obs: dict | None = None) -> dict[str, Any]:
+        """Decompose the N least sensitive allowed layers (edges last unless edges=any); split the budget evenly."""
+        s, N = self.settings, self.num_decomposed()
+        if s.layers is not None:
+            chosen = list(s.layers)
+        elif s.selection == "uniform":
+            chosen = list(self.L)
+        else:
+            sign = -1.0 if s.selection == "reverse" else 1.0
+            edges = {self.L[0], self.L[-1]} if self.edges() == "last" else set()
+            order = sorted(self.allowed(), key=lambda l: (l in edges, sign * sens[l], l))
+            chosen = order[:N]
+        chosen = sorted(chosen)
+        budget = self.total_budget() - (len(self.L) - N) * self.D
+        share = [budget // N + (1 if i < budget % N else 0) for i in range(N)]
+        plan: dict[str, Any] = {"decomposed": {str(l): b for l, b in zip(chosen, share)},
+                                "order_by_sensitivity": sorted(self.L, key=lambda l: (sens[l], l))}
+        if obs is not None:
+            plan["sensitivity"] = {str(l): obs[l] for l in self.L}
+        return plan
+
+    def plan(self) -> dict[str, Any]:
+        if self._plan is None:  # no plan pass: the selection does not depend on calibration
+            self._plan = self._select({l: 0.0 for l in self.L})
+        return self._plan
+
+    # ----- the work ---------------------------------------------------------------------------------------------
+    def compress_layer(self, layer: int, weights: ExpertWeights,
+                       calib: LayerCalibration | None) -> CompressedLayer | None:
+        plan = self.plan()
+        budget = plan["decomposed"].get(str(layer))
+        if budget is None:
+            return None
+        comp = self.compress_with_budget(layer, weights, calib, budget)
+        comp.info["selection"] = {"decomposed": [int(l) for l in plan["decomposed"]], "budget": budget,
+                                  **plan.get("sensitivity", {}).get(str(layer), {})}
+        return comp
+
+    def compress_with_budget(self, layer: int, weights: ExpertWeights, calib: LayerCalibration | None,
+                             budget: int) -> CompressedLayer:
+        if calib is None:
+            raise RatioError("moe-svd needs calibration data (routing frequency and activation Grams)")
+        grams = _GramCache(weights, calib, self.settings.damp, self.settings.shrink, self.ctx.device)
+        if not self.settings.share:
+            return self._per_expert(layer, weights, grams, budget)
+        return self._shared(layer, weights, calib, grams, budget)
+
+    def _per_expert(self, layer: int, weights: ExpertWeights, grams: _GramCache, budget: int) -> CompressedLayer:
+        """share=false ablation ("selective SVD"): per-expert whitened SVD of the selected layers."""
+        facts = self.factorizations()
+        svds = {}
+        for e in range(self.E):
+            for p in PROJS:
+                svds[p, e] = whitened_svd(weights.get(p, e, torch.float64).to(self.ctx.device), grams.white(p, e))
+            grams.drop(e)
+        ranks = allocate_ranks(budget, facts, [svds[f.proj, f.group].sigma ** 2 for f in facts])
+        rank = {(f.proj, f.group): r for f, r in zip(facts, ranks)}
+        tensors = {}
+        for (p, e), svd in svds.items():
+            L, R = svd.factors(rank[p, e])
+            tensors[p, "lr_u", e], tensors[p, "lr_v", e] = L.cpu(), R.cpu()
+        spec = LayerSpec(method=self.name, **{
+            p: ProjSpec(lowrank=LowRankTerm(ranks=[rank[p, e] for e in range(self.E)])) for p in PROJS})
+        return CompressedLayer(spec=spec, tensors=tensors, info={"share": False, "ranks": _rank_info(rank)})
+
+    def _shared(self, layer: int, weights: ExpertWeights, calib: LayerCalibration, grams: _GramCache,
+                budget: int) -> CompressedLayer:
+        E, dev = self.E, self.ctx.device
+        freq = calib.frequency()  # [E]
+        groups = self.groups()
+        # frequency rank π inside each group (ties by expert index) and the source expert e* (Eq. 5)
+        order = [sorted(mem, key=lambda e: (-float(freq[e]), e)) for mem in groups]
+        facts = self.factorizations()
+        # pass 1: the sources' whitened spectra decide the ranks (Eq. 2 on e* only)
+        spectra = {}
+        for g in range(len(groups)):
+            src = order[g][0]
+            for p in PROJS:
+                W = weights.get(p, src, torch.float64).to(dev)  # [out, in]
+                spectra[p, g] = torch.linalg.svdvals(W @ grams.white(p, src).S) ** 2  # [min(out, in)]
+            grams.drop(src)  # recomputed in pass 2: holds at most one group's statistics at a time
+        sig = [spectra[f.proj, f.group] for f in facts]
+        ranks = allocate_ranks(budget, facts, sig)
+        if min(ranks) < 1:
+            raise RatioError(f"layer {layer}: budget {budget} leaves a rank below 1")
+        rank = {(f.proj, f.group): r for f, r in zip(facts, ranks)}
+        # pass 2, one group at a time: shared right factor, per-expert statistics, slots
+        V = {p: [] for p in PROJS}
+        U = {p: [] for p in PROJS}
+        slot_of = [0] * E
+        err_num = {p: 0.0 for p in PROJS}
+        err_den = {p: 0.0 for p in PROJS}
+        slot_base = 0
+        for g, mem in enumerate(groups):
+            k = self.k_u(len(mem))
+            fits = {p: project_group(weights, grams, p, order[g], k, rank[p, g], self.settings.combine, dev)
+                    for p in PROJS}
+            pos_slot, slots = trim(fits, k, self.settings.combine)
+            for pi, e in enumerate(order[g]):
+                slot_of[e] = slot_base + pos_slot[pi]
+            for p, fit in fits.items():
+                err_num[p] += sum(fit.error(i, slots[p][c]) for i, c in enumerate(pos_slot))
+                err_den[p] += sum(fit.c)
+                right, left = fit.balanced(slots[p])
+                V[p].append(right)
+                U[p] += left
+            for e in mem:
+                grams.drop(e)
+            slot_base += k
+        right_groups = [next(g for g, mem in enumerate(groups) if e in mem) for e in range(E)]
+        tensors, projs = {}, {}
+        for p in PROJS:
+            tensors[p, "lr_v", None] = torch.cat(V[p]).cpu()  # [Σ_g r_g, in]
+            tensors[p, "lr_u", None] = torch.cat(U[p], dim=1).cpu()  # [out, Σ_s r_s]
+            projs[p] = ProjSpec(lowrank=LowRankTerm(ranks=[rank[p, right_groups[e]] for e in range(E)],
+                                                    right_groups=right_groups, left_slots=list(slot_of)))
+        info = {"ranks": _rank_info(rank), "sources": [o[0] for o in order], "left_slots": slot_of,
+                "k_u": [self.k_u(len(mem)) for mem in groups], "combine": self.settings.combine,
+                "whitened_rel_err": {p: math.sqrt(err_num[p] / err_den[p]) if err_den[p] > 0 else 0.0
+                                     for p in PROJS}}
+        return CompressedLayer(spec=LayerSpec(method=self.name, **projs), tensors=tensors, info=info)
+
+
+def _rank_info(rank: dict[tuple[str, int], int]) -> dict[str, list[int]]:
+    return {p: [r for (q, _), r in sorted(rank.items(), key=lambda kv: kv[0][1]) if q == p] for p in PROJS}
+
+
+# ----- sensitivity (Eq. 4, App. Alg. 1) -------------------------------------------------------------------------
+def layer_sensitivity(weights: ExpertWeights, calib: LayerCalibration | None, tau: float = 2.0,
+                      p_threshold: float = 1e-2) -> dict[str, Any]:
+    """S_L = Σ_i f_i·p_i·a_i with f_i the routing frequency, p_i the principal rank (σ_j > p_threshold·σ_max of the
+    plain weight SVD, mean over gate/up/down) and a_i the share of |h| > τ·mean|h| over expert i's intermediate
+    activations h on its routed tokens."""
+    E = weights.gate.shape[0]
+    if calib is None:
+        raise RatioError("moe-svd needs calibration data for its layer sensitivity")
+    f = calib.frequency()  # [E]
+    p = torch.zeros(E, dtype=torch.float64)
+    a = torch.zeros(E, dtype=torch.float64)
+    for e in range(E):
+        for proj in PROJS:
+            s = torch.linalg.svdvals(weights.get(proj, e))  # [min(out, in)]
+            p[e] += float((s > p_threshold * s[0]).sum()) / len(PROJS)
+        if calib.token_index(e).numel():
+            h = calib.intermediate(e, weights).abs()  # [N_e, m]
+            a[e] = float((h > tau * h.mean()).double().mean())
+    S = float((f * p * a).sum())
+    return {"S": S, "f": [round(float(v), 6) for v in f], "p": [round(float(v), 3) for v in p],
+            "a": [round(float(v), 6) for v in a]}
+
+
+def residual_error(arch, layer: int, comp: CompressedLayer, weights: ExpertWeights, calib: LayerCalibration,
+                   hidden_ms: float, max_tokens: int = 4096) -> float:
+    """RMS of the routed MoE output change over RMS of the decoder layer's output hidden state [ours].
+
+    Unlike ‖Δy‖/‖y‖ this sees how much the layer's MoE output weighs in the residual stream: on the fixture the
+    first layer's relative output error equals the others' but its ‖Δy‖/‖h‖ is 2-4× theirs, as is its PPL loss.
+    """
+    cfg = MoELowRankConfig(format_version=FORMAT_VERSION, method="moe-svd", num_experts=arch.num_experts,
+                           hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+                           moe_prefix=arch.moe_prefix, expert_names=arch.expert_names, moe_layers=[layer],
+                           layers={layer: comp.spec})
+    named = {cfg.tensor_name(layer, p, suf, e): t for (p, suf, e), t in comp.tensors.items()}
+
+    def approx(e: int, xe: torch.Tensor) -> torch.Tensor:  # one expert materialized at a time
+        g, u, d = (materialize_projection(cfg, layer, p, e, named.__getitem__).float() for p in PROJS)
+        return (torch.nn.functional.silu(xe @ g.T) * (xe @ u.T)) @ d.T
+
+    step = max(1, calib.num_tokens // max_tokens)
+    x, ids, w = calib.x[::step].float(), calib.topk_ids[::step], calib.topk_weights[::step]
+    exact = dense_expert_fn(weights.gate, weights.up, weights.down)
+    dy = moe_output(x, ids, w, approx) - moe_output(x, ids, w, exact)  # [T, n]
+    return math.sqrt(float(dy.double().square().sum(-1).mean()) / max(hidden_ms, 1e-30))
+
+
+# ----- per-group fitting ----------------------------------------------------------------------------------------
+class _GramCache:
+    """Regularized whitening of each expert's gate/up input and down input, kept until the expert is dropped."""
+
+    def __init__(self, weights: ExpertWeights, calib: LayerCalibration, damp: float, shrink: float,
+                 device: torch.device):
+        self.w, self.c, self.damp, self.shrink, self.dev = weights, calib, damp, shrink, device
+        self.mean_in = calib.mean_gram_in().to(device)  # [n, n]
+        self.cache: dict[tuple[str, int], tuple[torch.Tensor, Whitening]] = {}
+
+    def gram(self, p: str, e: int) -> torch.Tensor:
+        return self._get(p, e)[0]
+
+    def white(self, p: str, e: int) -> Whitening:
+        return self._get(p, e)[1]
+
+    def _get(self, p: str, e: int) -> tuple[torch.Tensor, Whitening]:
+        key = ("mid" if p == "down" else "in", e)
+        if key not in self.cache:
+            n_e = int(self.c.token_index(e).numel())
+            if key[0] == "in":
+                G = regularize_gram(self.c.gram_in(e).to(self.dev), n_e, self.mean_in, self.damp, self.shrink)
+            else:  # down's input is e's own intermediate activation: no layer mean exists for it
+                G = regularize_gram(self.c.gram_mid(e, self.w).to(self.dev), n_e, None, self.damp)
+            self.cache[key] = (G, whitening(G))
+        return self.cache[key]
+
+    def drop(self, e: int) -> None:
+        for kind in ("in", "mid"):
+            self.cache.pop((kind, e), None)
+
+
+@dataclass
+class ProjFit:
+    """One projection of one group against its shared right factor R₀ = V_rᵀ S_{e*}⁻¹ (Eq. 5-6).
+
+    Rows of R₀ are orthonormal in e*'s whitened space. Every expert's whitened error is a quadratic in its left
+    factor L: ‖(W_i − L R₀) S_i‖² = c_i − 2⟨L, A_i⟩ + ⟨L B_i, L⟩ with A_i = W_i G_i R₀ᵀ ``[out, r]``,
+    B_i = R₀ G_i R₀ᵀ ``[r, r]``, c_i = ⟨W_i G_i, W_i⟩; its best own left factor is Ũ_i = A_i B_i⁻¹, which is
+    U_{e*,r} Σ_{e*,r} for e* itself. Lists are in frequency order π.
+    """
+
+    R0: torch.Tensor  # [r, in]
+    sigma: torch.Tensor  # [r] e*'s whitened singular values
+    A: list[torch.Tensor]
+    B: list[torch.Tensor]
+    c: list[float]
+    own: list[tuple[torch.Tensor, torch.Tensor]]  # (U_j [out, r], Σ_j [r]) of the k most frequent (eq8, alg3)
+
+    def error(self, i: int, L: torch.Tensor) -> float:
+        return max(self.c[i] - 2 * float((L * self.A[i]).sum()) + float(((L @ self.B[i]) * L).sum()), 0.0)
+
+    def refit(self, members: list[int]) -> torch.Tensor:
+        """argmin_L Σ_{i∈members} ‖(W_i − L R₀) S_i‖² = (Σ A_i)(Σ B_i)⁻¹."""
+        return _solve_left(sum(self.A[i] for i in members), sum(self.B[i] for i in members))
+
+    def slot(self, c: int, members: list[int], combine: str) -> torch.Tensor:
+        """Left matrix of combination c = {π ≤ c} (Eq. 7-8); ``members``: the experts that use it.
+
+        refit  (Σ_{i∈members} A_i)(Σ B_i)⁻¹: the best single left factor for the experts using the slot  [ours]
+        sum    Σ_{j≤c} Ũ_j      Eq. 8 with left factors fitted to the shared V
+        mean   mean_{j≤c} Ũ_j                                                                            [ours]
+        eq8    Σ_{j≤c} U_j Σ_j  Eq. 6 + 8 literally: each expert's own whitened SVD
+        alg3   (Σ_{j≤c} U_j)(Σ_{j≤c} Σ_j)  App. Alg. 3 literally (without its per-expert S_i⁻¹)
+        """
+        if combine == "refit":
+            return self.refit(members)
+        if combine in ("sum", "mean"):
+            L = sum(self.refit([j]) for j in range(c + 1))
+            return L / (c + 1) if combine == "mean" else L
+        if combine == "eq8":
+            return sum(u * s for u, s in self.own[:c + 1])
+        return sum(u for u, _ in self.own[:c + 1]) * sum(s for _, s in self.own[:c + 1])
+
+    def balanced(self, slots: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(D R₀, [L D⁻¹]) with D = Σ_r^½ of e*: the same product, scales fit for bf16/fp16 storage."""
+        d = self.sigma.clamp(min=float(self.sigma[0]) * 1e-8).sqrt()  # [r]
+        return d[:, None] * self.R0, [L / d for L in slots]
+
+
+def project_group(weights: ExpertWeights, grams: _GramCache, p: str, order: list[int], k: int, r: int,
+                  combine: str, device: torch.device) -> ProjFit:
+    """Whitened SVD of the group's most frequent expert ``order[0]`` (Eq. 2, 5) and every member's error model."""
+    src = order[0]
+    svd = whitened_svd(weights.get(p, src, torch.float64).to(device), grams.white(p, src))
+    R0 = grams.white(p, src).unwhiten(svd.Vh[:r])  # [r, in]
+    fit = ProjFit(R0=R0, sigma=svd.sigma[:r], A=[], B=[], c=[], own=[])
+    for pi, e in enumerate(order):
+        W = weights.get(p, e, torch.float64).to(device)  # [out, in]
+        G = grams.gram(p, e)  # [in, in]
+        WG = W @ G  # [out, in]
+        fit.A.append(WG @ R0.T)  # [out, r]
+        fit.B.append(R0 @ G @ R0.T)  # [r, r]
+        fit.c.append(float((WG * W).sum()))
+        if combine in ("eq8", "alg3") and pi < k:
+            s = svd if e == src else whitened_svd(W, grams.white(p, e))
+            fit.own.append((s.U[:, :r], s.sigma[:r]))  # [out, r], [r]
+    return fit
+
+
+def trim(fits: dict[str, ProjFit], k: int, combine: str) -> tuple[list[int], dict[str, list[torch.Tensor]]]:
+    """U-trimming of one group (Eq. 7 / App. Alg. 3): frequency position π uses combination min(π, k−1), so the
+    group holds k slots {U_1}, {U_1+U_2}, ...; returns (slot of each position, k slot matrices per projection)."""
+    size = len(next(iter(fits.values())).c)
+    slot_of = [min(pi, k - 1) for pi in range(size)]
+    members = [[i for i in range(size) if slot_of[i] == c] for c in range(k)]
+    return slot_of, {p: [f.slot(c, members[c], combine) for c in range(k)] for p, f in fits.items()}
+
+
+def _solve_left(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """argmin_L c − 2⟨L, A⟩ + ⟨L B, L⟩ = A B⁻¹ for symmetric positive definite B ``[r, r]``."""
+    Lc, info = torch.linalg.cholesky_ex(B)
+    if info.item() != 0:
+        return torch.linalg.lstsq(B, A.T).solution.T
+    return torch.cholesky_solve(A.T, Lc).T  # [out, r]
+
+
+METHOD = MoESVDMethod
