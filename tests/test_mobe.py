@@ -7,31 +7,27 @@ import math
 
 import pytest
 import torch
+from method_fakes import ARCH, CALIB, make_method
 from model_factory import FIXTURE
 
 from vllm_moe_lowrank.converters import cli
-from vllm_moe_lowrank.converters.arch import detect
 from vllm_moe_lowrank.converters.calibration import LayerCalibration
 from vllm_moe_lowrank.converters.checkpoint import Checkpoint
 from vllm_moe_lowrank.converters.errors import ConvertError, RatioError
 from vllm_moe_lowrank.converters.experts import ExpertWeights, load_expert_weights
-from vllm_moe_lowrank.converters.method import MethodContext, build_method
 from vllm_moe_lowrank.converters.mobe import (MoBESettings, _Loss, balanced_groups, fit_bases, grouped_svd_bases,
                                               init_fit, solve_left, split_budget)
 from vllm_moe_lowrank.converters.verify import verify_checkpoint
 from vllm_moe_lowrank.format import (FORMAT_VERSION, PROJS, Act, DenseTerm, LayerSpec, LowRankTerm,
                                      MoELowRankConfig, ProjSpec, count_params, materialize_projection)
 
-CALIB = ["--calib-data", str(FIXTURE / "calib.txt"), "--num-samples", "16", "--seq-len", "128"]
-ARCH = detect(json.loads((FIXTURE / "config.json").read_text()), "config.json")
 E, N, M = 16, 192, 192
 D = 3 * E * N * M  # dense params of one fixture MoE layer
 FAST = ["-o", "steps=20", "-o", "eval_every=5"]  # real fits, few steps: the tests check wiring and math
 
 
 def method(ratio: float, *options: str, arch=ARCH):
-    ctx = MethodContext(arch=arch, ratio=ratio, device=torch.device("cpu"), load_experts=None)
-    return build_method("mobe", ctx, list(options))
+    return make_method("mobe", ratio, options, arch)
 
 
 def layer_config(comp, layer: int = 0) -> MoELowRankConfig:

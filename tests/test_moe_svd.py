@@ -7,46 +7,27 @@ import math
 
 import pytest
 import torch
+from method_fakes import ARCH, CALIB, fake_calib, fake_weights, make_method
 from model_factory import FIXTURE
 
 from vllm_moe_lowrank.converters import cli
 from vllm_moe_lowrank.converters.arch import detect
-from vllm_moe_lowrank.converters.calibration import LayerCalibration
 from vllm_moe_lowrank.converters.checkpoint import Checkpoint
 from vllm_moe_lowrank.converters.errors import ConvertError, RatioError
-from vllm_moe_lowrank.converters.experts import ExpertWeights, load_expert_weights
-from vllm_moe_lowrank.converters.method import MethodContext, build_method
+from vllm_moe_lowrank.converters.experts import load_expert_weights
 from vllm_moe_lowrank.converters.moe_svd import (Factorization, _GramCache, allocate_ranks, layer_sensitivity,
                                                  project_group, trim)
 from vllm_moe_lowrank.converters.pipeline import _cast_layer
 from vllm_moe_lowrank.converters.verify import verify_checkpoint
 from vllm_moe_lowrank.format import PROJS, materialize_projection
 
-CALIB = ["--calib-data", str(FIXTURE / "calib.txt"), "--num-samples", "16", "--seq-len", "128"]
-ARCH = detect(json.loads((FIXTURE / "config.json").read_text()), "config.json")
 D = 3 * 16 * 192 * 192  # dense params of one fixture MoE layer
 
 
 def method(ratio: float, *options: str, arch=ARCH):
-    ctx = MethodContext(arch=arch, ratio=ratio, device=torch.device("cpu"), load_experts=None)
-    return build_method("moe-svd", ctx, list(options))
+    return make_method("moe-svd", ratio, options, arch)
 
 
-def fake_calib(E: int, n: int, T: int = 3000, k: int = 2, seed: int = 0) -> LayerCalibration:
-    """Random inputs with skewed routing (expert e picked ∝ 1/(e+1)), so frequency ranks are distinct."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, n, generator=g) @ (torch.randn(n, n, generator=g) / n ** 0.5 + torch.eye(n))  # [T, n]
-    probs = 1.0 / torch.arange(1, E + 1).double()
-    ids = torch.stack([torch.multinomial(probs, k, replacement=False, generator=g) for _ in range(T)])  # [T, k]
-    return LayerCalibration(x=x, topk_ids=ids, topk_weights=torch.full((T, k), 1.0 / k), num_experts=E)
-
-
-def fake_weights(E: int, n: int, m: int, seed: int = 1) -> ExpertWeights:
-    g = torch.Generator().manual_seed(seed)
-    common = torch.randn(m, n, generator=g)  # shared structure, as real experts have
-    return ExpertWeights(gate=torch.stack([common + torch.randn(m, n, generator=g) for _ in range(E)]) / n ** 0.5,
-                         up=torch.randn(E, m, n, generator=g) / n ** 0.5,
-                         down=torch.randn(E, n, m, generator=g) / m ** 0.5)
 
 
 # ----- feasibility: refused up front with the limit stated -----------------------------------------------------
