@@ -1,8 +1,8 @@
 """Compute kernels for moe_lowrank experts.
 
 The one entry point the vLLM plugin (and anything else) uses is :func:`moe_lowrank_experts`. It runs the
-``moe_lowrank::experts`` custom op, whose torch implementation (``torch_ref``) serves every device today;
-Triton kernels will register on the same op for CUDA.
+``moe_lowrank::experts`` custom op: the torch implementation (``torch_ref``) on CPU, the Triton kernels
+(``triton_forward``) on CUDA.
 """
 
 from __future__ import annotations

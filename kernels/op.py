@@ -1,11 +1,15 @@
 """The ``moe_lowrank::experts`` torch custom op: opaque to torch.compile (Dynamo), eager inside.
 
 Layouts are static Python objects, so the op gets the layer's tensors as a list and looks the layout up by key.
-The torch implementation serves every device; a CUDA/Triton kernel can later be added with
-``experts_op.register_kernel("cuda")`` without touching the plugin.
+Implementations: the torch path (``torch_ref``) for CPU and as the default; the Triton path
+(``triton_forward``, CUDA-graph safe) registered for CUDA. Triton is imported on the first CUDA call only, so this
+module imports without Triton (and ``TRITON_INTERPRET`` can still be set before the kernels are defined).
+``MOE_LOWRANK_KERNEL=torch`` sends CUDA calls to the torch path (debugging; not capturable in CUDA graphs).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -35,3 +39,14 @@ def experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tens
 @experts_op.register_fake
 def _(x, topk_weights, topk_ids, tensors, layer_key):
     return torch.empty_like(x)
+
+
+@experts_op.register_kernel("cuda")
+def _(x, topk_weights, topk_ids, tensors, layer_key):
+    layout = _LAYOUTS[layer_key]
+    bufs = dict(zip(layout.tensor_names, tensors))
+    if os.environ.get("MOE_LOWRANK_KERNEL", "triton") == "torch" or x.dtype == torch.float64:
+        return experts_forward(layout, bufs, x, topk_weights, topk_ids)
+    from .triton_forward import experts_forward_triton
+
+    return experts_forward_triton(layout, bufs, x, topk_weights, topk_ids)

@@ -1,0 +1,276 @@
+"""The Triton path (kernels/triton_*.py) against the torch path, for every term kind, both paths, TP/EP splits.
+
+Without a GPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set here before the kernels are
+defined) on small shapes. With a GPU the same tests run on CUDA, plus the ``gpu`` tests: full Qwen3-30B-A3B-shaped
+layers and CUDA-graph capture/replay through the custom op.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from specs import CASES
+from test_kernels import make_cfg, random_tensors, reference
+from vllm_moe_lowrank.format import FORMAT_VERSION, MoELowRankConfig
+from vllm_moe_lowrank.kernels import LayerLayout, experts_forward, moe_lowrank_experts, register_layout
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed", allow_module_level=True)
+HAVE_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAVE_CUDA else "cpu"
+
+def _set_interpret(value: str | None) -> str | None:
+    old = os.environ.get("TRITON_INTERPRET")
+    if value is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = value
+    return old
+
+
+# Without a GPU the kernels run under the interpreter: the variable must be set when Triton itself is first
+# imported (its tl.* helpers are jit functions too) and while kernels run (Triton reads it lazily); it is restored
+# in between so that the rest of the session (vLLM subprocesses) never sees it.
+_saved = _set_interpret("1") if not HAVE_CUDA else None
+try:
+    from vllm_moe_lowrank.kernels import triton_forward
+    from vllm_moe_lowrank.kernels.triton_common import interpreter_usable
+    from vllm_moe_lowrank.kernels.triton_sort import align_pairs, num_blocks
+finally:
+    if not HAVE_CUDA:
+        _set_interpret(_saved)
+
+if not HAVE_CUDA and not interpreter_usable():
+    pytest.skip("Triton was imported (by an earlier module) before TRITON_INTERPRET=1 could be set: run this "
+                "module in its own pytest process", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter():
+    """Interpreter on; one torch thread (these ops are tiny: on a busy machine, thread hand-offs cost 10–100×)."""
+    if HAVE_CUDA:
+        yield
+        return
+    saved, threads = _set_interpret("1"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    _set_interpret(saved)
+
+
+gpu = pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU")
+ROOT = Path(__file__).resolve().parents[1]
+E, N, M = 6, 32, 24  # small: the interpreter runs every program in numpy
+SMALL = dict(bk=32, br=16, bn_units=32, bn_hidden=32, token_bm=16, token_bn=32, combine_bm=16)
+
+
+def routing(T: int, K: int, E: int = E, n: int = N, seed: int = 1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, n, generator=g).to(dtype)
+    ids = torch.zeros(T, K, dtype=torch.int32)  # [T, K] distinct experts per token
+    for t in range(T):
+        ids[t] = torch.randperm(E, generator=g)[:K]
+    w = torch.softmax(torch.randn(T, K, generator=g), 1)
+    return x.to(DEV), w.to(DEV), ids.to(DEV)
+
+
+def loaded(cfg, tensors, dtype, tp_rank=0, tp_size=1, experts=None, key=""):
+    layout = LayerLayout(cfg, 1, tp_rank=tp_rank, tp_size=tp_size, local_experts=experts, key=key)
+    bufs = layout.new_buffers(dtype, DEV)
+    for name in layout.blocks:
+        layout.store(bufs, name, tensors[name].to(DEV))
+    bufs.update(layout.finalize(bufs))
+    return layout, bufs
+
+
+def both(cfg, tensors, x, w, ids, dtype=torch.float32, tp=1, ep=1, path=None, config=SMALL):
+    """(triton, torch) outputs summed over the simulated TP × EP ranks (float64)."""
+    got = torch.zeros(x.shape[0], cfg.hidden_size, dtype=torch.float64, device=DEV)
+    ref = torch.zeros_like(got)
+    En = cfg.num_experts
+    for rank in range(tp * ep):
+        experts = list(range(rank * En // ep, (rank + 1) * En // ep)) if ep > 1 else None
+        layout, bufs = loaded(cfg, tensors, dtype, rank % tp, tp, experts)
+        got += triton_forward.experts_forward_triton(layout, bufs, x.to(dtype), w, ids, path=path,
+                                                     config=config).double()
+        ref += experts_forward(layout, bufs, x.to(dtype), w, ids).double()
+    return got, ref
+
+
+# ----- sorting ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("T,K,F,E_,bm", [(1, 8, 128, 128, 16), (9, 3, 4, 6, 16), (70, 3, 5, 8, 16), (41, 2, 3, 3, 32)])
+def test_sort_is_block_aligned_and_invertible(parallel, T, K, F, E_, bm):
+    g = torch.Generator().manual_seed(T)
+    foe = torch.randint(0, F, (E_,), generator=g)
+    foe[torch.randperm(E_, generator=g)[:E_ // 4]] = -1  # experts on other EP ranks
+    ids = torch.randint(0, E_, (T, K), generator=g, dtype=torch.int32)
+    srt = align_pairs(ids.to(DEV), foe.to(DEV), F, bm, parallel=parallel)
+    fid = foe[ids.reshape(-1).long()]
+    pos = srt.pos_of_pair.cpu().long()
+    bf, br, sp = srt.block_func.cpu().long(), srt.block_rows.cpu().long(), srt.sorted_pair.cpu().long()
+    assert srt.num_blocks == num_blocks(T * K, F, bm)
+    keep = fid >= 0
+    assert (pos[~keep] == -1).all()
+    p = keep.nonzero().squeeze(1)
+    assert (sp[pos[p]] == p).all()  # inverse permutation
+    assert (bf[pos[p] // bm] == fid[p]).all()  # each pair sits in a block of its function
+    assert (pos[p] % bm < br[pos[p] // bm]).all()  # ... within the block's valid rows
+    counts = torch.bincount(fid[keep], minlength=F)
+    for f in range(F):  # each function: cdiv(count, bm) blocks, rows adding up to its count
+        blocks = (bf == f).nonzero().squeeze(1)
+        assert blocks.numel() == -(-int(counts[f]) // bm) and int(br[blocks].sum()) == int(counts[f])
+    assert (br[bf < 0] == 0).all()
+
+
+# ----- every term kind, both paths ------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["lowrank", "dense_tile"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_torch_path(case, path):
+    cfg = make_cfg(case, E=E, n=N, m=M)
+    tensors = random_tensors(cfg)
+    x, w, ids = routing(9, 3)
+    got, ref = both(cfg, tensors, x, w, ids, path=path)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case,tp,ep,path", [("rs_moe", 2, 1, "lowrank"), ("mixed", 3, 1, "lowrank"),
+                                             ("mobe", 2, 1, "dense_tile"), ("moe_svd", 1, 2, "lowrank"),
+                                             ("rfid", 1, 3, "dense_tile"), ("mobe_identity", 1, 2, "lowrank"),
+                                             ("rs_moe", 3, 1, "dense_tile")])
+def test_tp_ep_ranks_sum_to_the_materialized_layer(case, tp, ep, path):
+    """TP-narrowed and EP-selected layouts: the ranks' outputs sum to the dense reference (float64)."""
+    cfg = make_cfg(case, seed=2, E=E, n=N, m=M)
+    tensors = random_tensors(cfg, seed=2)
+    x, w, ids = routing(7, 3, seed=3)
+    got, ref = both(cfg, tensors, x, w, ids, tp=tp, ep=ep, path=path)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    dense = reference(cfg, tensors, x.cpu().double(), w.cpu(), ids.cpu()).to(DEV)
+    torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["moe_svd", "rfid"])
+def test_group_factor_per_pair_when_more_groups_than_topk(case):
+    """top-1 routing: group-shared right factors go through the pair shrink instead of the token GEMM."""
+    cfg = make_cfg(case, E=E, n=N, m=M)
+    tensors = random_tensors(cfg)
+    x, w, ids = routing(11, 1)
+    layout, bufs = loaded(cfg, tensors, torch.float32)
+    assert triton_forward.get_plan(layout, bufs, 1, torch.device(DEV)).proj["gate"].lowrank.mode == "pair"
+    got, ref = both(cfg, tensors, x, w, ids)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_parallel_sort_and_chunks_in_the_forward(monkeypatch):
+    monkeypatch.setattr(triton_forward, "CHUNK_TOKENS", 13)  # 3 chunks, the last one ragged
+    cfg = make_cfg("rs_moe", E=E, n=N, m=M)
+    tensors = random_tensors(cfg)
+    x, w, ids = routing(30, 3)
+    got, ref = both(cfg, tensors, x, w, ids, config=dict(SMALL, parallel_sort=True, bm=32))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["mixed", "rs_moe", "mobe"])
+def test_bfloat16(case):
+    cfg = make_cfg(case, seed=3, E=E, n=N, m=M)
+    tensors = random_tensors(cfg, seed=3)
+    x, w, ids = routing(9, 3, seed=4)
+    dense = reference(cfg, tensors, x.cpu().double(), w.cpu(), ids.cpu()).to(DEV)
+    for path in ("lowrank", "dense_tile"):
+        got, ref = both(cfg, tensors, x, w, ids, dtype=torch.bfloat16, path=path)
+        scale = dense.abs().max()
+        assert (got - dense).abs().max() < 0.05 * scale, path
+        assert (got - ref).abs().max() < 0.05 * scale, path
+
+
+def test_zero_tokens_and_unsupported_dtype():
+    cfg = make_cfg("svd", E=E, n=N, m=M)
+    layout, bufs = loaded(cfg, random_tensors(cfg), torch.float32)
+    x, w, ids = routing(0, 2)
+    assert triton_forward.experts_forward_triton(layout, bufs, x, w, ids).shape == (0, N)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        triton_forward.experts_forward_triton(layout, bufs, x.double(), w, ids)
+
+
+def test_registered_as_the_cuda_implementation():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("moe_lowrank::experts", "CUDA")
+
+
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/kernels.py --smoke runs end to end (tiny shapes; under the interpreter without a GPU)."""
+    out = tmp_path / "kernels.json"
+    env = dict(os.environ, TRITON_INTERPRET="0" if HAVE_CUDA else "1")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--smoke", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["smoke"] is True and {row["method"] for row in res["rows"]} == {"svd", "moe-svd", "mobe", "rs-moe",
+                                                                              "rfid-moe"}
+    assert all(row["max_rel_err_vs_torch"] < 1e-4 and row["roofline_us"] is None for row in res["rows"])
+
+
+# ----- GPU: full shapes, CUDA graphs -------------------------------------------------------------------------------
+def full_cfg(case: str, E: int = 128, n: int = 2048, m: int = 768, r: int = 128) -> MoELowRankConfig:
+    spec = CASES[case](E, m, random.Random(0), r)
+    return MoELowRankConfig(format_version=FORMAT_VERSION, method=spec.method, num_experts=E, hidden_size=n,
+                            intermediate_size=m, moe_prefix="model.layers.{layer}.mlp.experts", moe_layers=[0, 1],
+                            layers={1: spec})
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_full_shape_bf16(case):
+    """Qwen3-30B-A3B-shaped layer (E=128, n=2048, m=768, top-8), both paths, decode and prefill token counts."""
+    cfg = full_cfg(case)
+    tensors = random_tensors(cfg)
+    layout, bufs = loaded(cfg, tensors, torch.bfloat16)
+    for T in (1, 64, 2048):
+        x, w, ids = routing(T, 8, E=128, n=2048, seed=T, dtype=torch.bfloat16)
+        ref = experts_forward(layout, bufs, x, w, ids).double()
+        scale = ref.abs().max()
+        for path in ("lowrank", "dense_tile"):
+            got = triton_forward.experts_forward_triton(layout, bufs, x, w, ids, path=path).double()
+            assert (got - ref).abs().max() < 0.02 * scale, (T, path)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T", [4, 300])  # one-program sort / parallel sort
+@pytest.mark.parametrize("case", ["mixed", "rs_moe", "mobe"])
+def test_cuda_graph_capture_and_replay(case, T):
+    cfg = full_cfg(case, E=32, n=512, m=256, r=32)
+    tensors = random_tensors(cfg)
+    layout, bufs = loaded(cfg, tensors, torch.bfloat16, key=f"test.graph.{case}.{T}")
+    register_layout(layout)
+    tlist = [bufs[n] for n in layout.tensor_names]
+    x, w, ids = routing(T, 4, E=32, n=512, seed=1, dtype=torch.bfloat16)
+    eager = moe_lowrank_experts(x, w, ids, layout, tlist)  # warm-up: builds the plan, compiles the kernels
+    torch.testing.assert_close(eager, triton_forward.experts_forward_triton(layout, bufs, x, w, ids))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        moe_lowrank_experts(x, w, ids, layout, tlist)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_lowrank_experts(x, w, ids, layout, tlist)
+    for seed in (2, 3):  # new tokens and routing, written in place
+        x2, w2, ids2 = routing(T, 4, E=32, n=512, seed=seed, dtype=torch.bfloat16)
+        x.copy_(x2)
+        w.copy_(w2)
+        ids.copy_(ids2)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = experts_forward(layout, bufs, x2, w2, ids2)
+        scale = ref.double().abs().max()
+        assert (out.double() - ref.double()).abs().max() < 0.02 * scale
