@@ -286,16 +286,22 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
     return report
 
 
+def _forward_layer(runner: LayerRunner | None, arch: MoEArch, layer: int, weights, hidden: list[torch.Tensor]):
+    """Run one decoder layer on the calibration hidden states; (new hidden states, its calibration or None)."""
+    if runner is None:
+        return hidden, None
+    module, probe = runner.load_layer(layer, weights)
+    hidden = runner.forward_layer(module, hidden)
+    runner.release_layer(layer)
+    return hidden, probe.calibration(arch.num_experts) if probe else None
+
+
 def _plan_pass(ckpt: Checkpoint, arch: MoEArch, method: Method, runner: LayerRunner | None,
                hidden: list[torch.Tensor]) -> dict[str, Any]:
     for layer in tqdm(range(arch.num_layers), desc=f"plan {method.name}", unit="layer", file=sys.stderr):
         weights = load_expert_weights(ckpt, arch, layer) if layer in arch.moe_layers else None
-        calib = None
+        hidden, calib = _forward_layer(runner, arch, layer, weights, hidden)
         if runner is not None:
-            module, probe = runner.load_layer(layer, weights)
-            hidden = runner.forward_layer(module, hidden)
-            runner.release_layer(layer)
-            calib = probe.calibration(arch.num_experts) if probe else None
             method.observe_hidden(layer, hidden)
         if weights is not None:
             method.observe_layer(layer, weights, calib)
@@ -306,12 +312,7 @@ def _convert_layer(ckpt: Checkpoint, arch: MoEArch, method: Method, runner: Laye
                    hidden: list[torch.Tensor], out_dtype: torch.dtype, tmp: Path, method_name: str):
     is_moe = layer in arch.moe_layers
     weights = load_expert_weights(ckpt, arch, layer) if is_moe else None
-    calib = None
-    if runner is not None:
-        module, probe = runner.load_layer(layer, weights)
-        hidden = runner.forward_layer(module, hidden)
-        runner.release_layer(layer)
-        calib = probe.calibration(arch.num_experts) if probe else None
+    hidden, calib = _forward_layer(runner, arch, layer, weights, hidden)
     expert_names = set(expert_tensor_names(ckpt, arch, layer)) if is_moe else set()
     prefix = f"model.layers.{layer}."
     tensors = ckpt.get_many(n for n in ckpt.tensors if n.startswith(prefix) and n not in expert_names)
