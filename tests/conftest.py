@@ -19,6 +19,28 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_mod
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 
 
+def _import_triton_interpreted() -> None:
+    """Without CUDA the Triton kernels are tested under Triton's interpreter, which must be on when Triton itself
+    is first imported; vLLM imports Triton in-process (test_plugin runs before test_triton_kernels), so import it
+    here first. The variable is restored at once: vLLM subprocesses never see it."""
+    import torch
+
+    if importlib.util.find_spec("triton") is None or torch.cuda.is_available() or "triton" in sys.modules:
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+_import_triton_interpreted()
+
+
 def pytest_collection_modifyitems(config, items):
     if HAVE_VLLM:
         return
