@@ -124,7 +124,12 @@ class LayerRunner:
         return module, probe
 
     def release_layer(self, layer: int) -> None:
-        self.layers[layer].to("meta")
+        """Free the layer: parameters back to meta, and drop the probe (it holds the layer's expert weights and
+        recorded inputs; kept, it would grow memory by one layer of experts per layer)."""
+        module = self.layers[layer]
+        if layer in self.arch.moe_layers:
+            module.mlp.experts = nn.Identity()  # load_layer puts a new probe here before any use
+        module.to("meta")
 
     @torch.no_grad()
     def forward_layer(self, module: nn.Module, hidden: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ from vllm_moe_lowrank.converters import cli
 from vllm_moe_lowrank.converters.arch import detect
 from vllm_moe_lowrank.converters.checkpoint import Checkpoint
 from vllm_moe_lowrank.converters.experts import load_expert_weights
-from vllm_moe_lowrank.converters.runner import LayerRunner
+from vllm_moe_lowrank.converters.runner import ExpertsProbe, LayerRunner
 from vllm_moe_lowrank.converters.verify import verify_checkpoint
 
 EXPECTED_MOE_LAYERS = {"qwen3_moe": (0, 1), "qwen2_moe": (0, 1, 2), "mixtral": (0, 1, 2), "olmoe": (0, 1, 2),
@@ -44,6 +44,9 @@ def test_layer_runner_matches_full_model(tiny):
         module, probe = runner.load_layer(layer, weights)
         hidden = runner.forward_layer(module, hidden)
         runner.release_layer(layer)
+        # released means nothing of the layer stays in memory: no probe holding its experts, only meta tensors
+        assert not any(isinstance(m, ExpertsProbe) for m in module.modules())
+        assert all(t.is_meta for t in [*module.parameters(), *module.buffers()])
         torch.testing.assert_close(hidden[0], ref[layer + 1], rtol=1e-5, atol=1e-5)
         if probe is not None:
             calib = probe.calibration(arch.num_experts)
