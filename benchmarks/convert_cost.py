@@ -3,8 +3,8 @@
     python benchmarks/convert_cost.py [--methods svd mobe ...] [--ratio 0.4]
 
 Every method converts the fixture at the same ratio with the quality sweep's calibration (128 × 256 tokens, seed 42,
-float32 factors). Each conversion is its own process: peak RSS is that process's ``ru_maxrss`` (``os.wait4``), CPU
-time its user + system time; both times move with other jobs sharing the machine (the 1-minute load average before
+float32 factors). Each conversion is its own process: peak RSS is that process's own VmHWM (``peak_rss.py``), CPU
+time its user + system time (``os.wait4``); both times move with other jobs sharing the machine (the 1-minute load average before
 each run is recorded), peak RSS does not. The first row is the bare import of the converter stack (torch,
 transformers), the floor under every method's RSS. The converted checkpoints stay in benchmarks/.cache/ckpt/ for the
 serving benchmark and ``run_all.py --check``. Results: benchmarks/results/convert_cost.json (rows of methods not

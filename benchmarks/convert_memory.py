@@ -2,7 +2,7 @@
 
 Builds a synthetic 12-layer Qwen3-MoE checkpoint large enough for the bound to mean something (hidden 1024,
 128 experts of intermediate 512, bf16: ~4.9 GB, one shard per layer), converts it with the calibrated `svd`
-baseline, and records the converter process's peak resident set size (getrusage of the child) in
+baseline, and records the converter process's own peak resident set size (VmHWM, see peak_rss.py) in
 benchmarks/results/convert_memory.json.
 
     python benchmarks/convert_memory.py [--layers 12] [--keep]
@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from quality import machine, measured_run
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,19 +83,18 @@ def main() -> None:
     build_s = time.time() - t0
     cmd = [sys.executable, "-m", "vllm_moe_lowrank.converters.cli", "--method", "svd", "--ratio", "0.3", str(src),
            str(out), "--calib-data", str(FIXTURE / "calib.txt"), "--num-samples", "8", "--seq-len", "128"]
-    t0 = time.time()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    convert_s = time.time() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # bytes (Linux reports KiB)
+    run = measured_run(cmd, WORK / "convert.log")
+    if run["returncode"]:
+        raise SystemExit(f"conversion failed (exit {run['returncode']}):\n{run['stderr'][-3000:]}")
+    convert_s, peak = run["wall_s"], run["peak_rss_bytes"]
     report = json.loads((out / "moe_lowrank_report.json").read_text())
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                   f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
+        "machine": machine(),
         "checkpoint": {**{k: CONFIG[k] for k in ("hidden_size", "moe_intermediate_size", "num_experts")},
                        "layers": a.layers, "bytes": size},
         "command": " ".join(cmd[2:]), "achieved_ratio": report["achieved_ratio"],
         "peak_rss_bytes": peak, "peak_rss_over_checkpoint": round(peak / size, 4), "target": 0.35,
-        "build_s": round(build_s, 1), "convert_s": round(convert_s, 1),
+        "build_s": round(build_s, 1), "convert_s": round(convert_s, 1), "convert_cpu_s": round(run["cpu_s"], 1),
     }
     (ROOT / "benchmarks" / "results" / "convert_memory.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"checkpoint {size / 1e9:.2f} GB, peak RSS {peak / 1e9:.2f} GB = {peak / size:.3f}× "

@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,14 +56,18 @@ def machine() -> str:
 
 
 def measured_run(cmd: list[str], log: Path | None = None) -> dict:
-    """Run ``cmd``; {returncode, stderr, wall_s, cpu_s (user+sys), peak_rss_bytes} of that process alone."""
+    """Run ``[sys.executable, -m|-c, ...]``; {returncode, stderr, wall_s, cpu_s (user+sys), peak_rss_bytes} of that
+    process alone (peak RSS from its own VmHWM: rusage would include this parent's, see peak_rss.py)."""
+    if cmd[0] != sys.executable or cmd[1] not in ("-m", "-c"):
+        raise ValueError(f"measured_run runs Python modules or code (python -m/-c), got {cmd[:2]}")
     t0 = time.time()
-    with open(log or os.devnull, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child (and its waited-for children) only
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"returncode": proc.returncode, "stderr": log.read_text() if log else "", "wall_s": time.time() - t0,
-            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * 1024}  # Linux: KiB
+    with tempfile.NamedTemporaryFile(suffix=".peak") as peak, open(log or os.devnull, "w") as err:
+        proc = subprocess.Popen([cmd[0], str(ROOT / "benchmarks" / "peak_rss.py"), peak.name, *cmd[1:]],
+                                stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        peak_bytes = int(Path(peak.name).read_text() or 0)
+    return {"returncode": os.waitstatus_to_exitcode(status), "stderr": log.read_text() if log else "",
+            "wall_s": time.time() - t0, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": peak_bytes}
 
 
 def convert_cmd(method: str, ratio: float, out: Path, options: list[str], src: Path = FIXTURE) -> list[str]:

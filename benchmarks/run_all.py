@@ -118,6 +118,13 @@ def step_table() -> str:
             done = {r["method"] for r in data.get("rows", data.get("runs", [])) if "error" not in r}
             if [m for m in METHODS if m not in done]:
                 parts += ["", f"Not measured yet: {', '.join(m for m in METHODS if m not in done)}."]
+    mem = RESULTS / "convert_memory.json"
+    if mem.is_file():  # written by convert_memory.py (not run here: ~30 min and a 5 GB synthetic checkpoint)
+        m = json.loads(mem.read_text())
+        parts += ["", "### Streaming memory", "", f"`convert_memory.py`: a synthetic {m['checkpoint']['layers']}-layer "
+                  f"Qwen3-MoE checkpoint of {m['checkpoint']['bytes'] / 1e9:.2f} GB converted with `svd` at 0.3 peaks "
+                  f"at {m['peak_rss_bytes'] / 1e9:.2f} GB RSS = **{m['peak_rss_over_checkpoint']:.3f}×** the "
+                  f"checkpoint (target < {m['target']}×), {m['convert_s']:.0f} s ({m['machine']})."]
     repro = RESULTS / "reproducibility.json"
     if repro.is_file():
         r = json.loads(repro.read_text())
