@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -92,18 +91,14 @@ class Server:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def wait_ready(self) -> float:
-        deadline = self.t0 + START_TIMEOUT
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=2) as r:
-                    if r.status == 200:
-                        return time.time() - self.t0
-            except OSError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"vllm serve not ready after {START_TIMEOUT}s:\n{self.log.read_text()[-4000:]}")
+        """Seconds from launch until deploy/healthcheck.py --wait (the images' startup probe) reports it ready."""
+        probe = Path(__file__).resolve().parents[1] / "deploy" / "healthcheck.py"
+        r = subprocess.run([sys.executable, str(probe), "--base-url", f"http://127.0.0.1:{self.port}", "--wait",
+                            str(START_TIMEOUT), "--pid", str(self.proc.pid)], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"vllm serve not ready (healthcheck exit {r.returncode}: {r.stdout}{r.stderr}):\n"
+                               f"{self.log.read_text()[-4000:]}")
+        return time.time() - self.t0
 
     def stop(self) -> None:
         if self.proc.poll() is not None:

@@ -30,7 +30,7 @@ from .calibration import LayerCalibration, dense_expert_fn, moe_output
 from .errors import RatioError
 from .experts import ExpertWeights
 from .method import CompressedLayer, Method, MethodSettings
-from .whitening import Whitening, regularize_gram, whitened_svd, whitening
+from .whitening import Whitening, regularize_gram, solve_spd, whitened_svd, whitening
 
 
 class MoESVDSettings(MethodSettings):
@@ -473,7 +473,7 @@ class ProjFit:
 
     def refit(self, members: list[int]) -> torch.Tensor:
         """argmin_L Σ_{i∈members} ‖(W_i − L R₀) S_i‖² = (Σ A_i)(Σ B_i)⁻¹."""
-        return _solve_left(sum(self.A[i] for i in members), sum(self.B[i] for i in members))
+        return solve_spd(sum(self.B[i] for i in members), sum(self.A[i] for i in members))
 
     def slot(self, c: int, members: list[int], combine: str) -> torch.Tensor:
         """Left matrix of combination c = {π ≤ c} (Eq. 7-8); ``members``: the experts that use it.
@@ -526,14 +526,6 @@ def trim(fits: dict[str, ProjFit], k: int, combine: str) -> tuple[list[int], dic
     slot_of = [min(pi, k - 1) for pi in range(size)]
     members = [[i for i in range(size) if slot_of[i] == c] for c in range(k)]
     return slot_of, {p: [f.slot(c, members[c], combine) for c in range(k)] for p, f in fits.items()}
-
-
-def _solve_left(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """argmin_L c − 2⟨L, A⟩ + ⟨L B, L⟩ = A B⁻¹ for symmetric positive definite B ``[r, r]``."""
-    Lc, info = torch.linalg.cholesky_ex(B)
-    if info.item() != 0:
-        return torch.linalg.lstsq(B, A.T).solution.T
-    return torch.cholesky_solve(A.T, Lc).T  # [out, r]
 
 
 METHOD = MoESVDMethod

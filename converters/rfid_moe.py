@@ -34,7 +34,7 @@ from .calibration import LayerCalibration
 from .errors import ConvertError, RatioError
 from .experts import ExpertWeights
 from .method import CompressedLayer, Method, MethodSettings
-from .whitening import regularize_gram, whitening
+from .whitening import regularize_gram, solve_spd, whitening
 
 GU = ("gate", "up")
 
@@ -129,19 +129,11 @@ def allocate_ranks(weight: list[float], cost: list[int], cap: list[int], budget:
 
 
 # ----- factorizations ---------------------------------------------------------------------------------------
-def _solve_spd(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """X with X·A = B for a symmetric positive (semi)definite A [k, k] and B [r, k]."""
-    A = (A + A.T) / 2
-    L, info = torch.linalg.cholesky_ex(A)
-    if info.item() == 0:
-        return torch.cholesky_solve(B.T, L).T
-    return torch.linalg.lstsq(A, B.T).solution.T
-
-
 def least_squares_left(W: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """argmin_A ‖(W − A·basis)·S‖_F with S·Sᵀ = gram: A = W·G·basisᵀ·(basis·G·basisᵀ)⁻¹. W [o, n], basis [r, n]."""
     GB = gram @ basis.T  # [n, r]
-    return _solve_spd(basis @ GB, W @ GB)  # [o, r]
+    M = basis @ GB  # [r, r]
+    return solve_spd((M + M.T) / 2, W @ GB)  # [o, r]
 
 
 @dataclass

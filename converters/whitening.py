@@ -75,3 +75,11 @@ def whitened_svd(W: torch.Tensor, white: Whitening | None) -> WhitenedSVD:
     A = W.double() @ white.S if white is not None else W.double()
     U, sigma, Vh = torch.linalg.svd(A, full_matrices=False)
     return WhitenedSVD(U=U, sigma=sigma, Vh=Vh, white=white)
+
+
+def solve_spd(M: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """X [r, k] with X·M = B for a symmetric positive definite M [k, k] (Cholesky; least squares if it is not)."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if info.item() != 0:
+        return torch.linalg.lstsq(M, B.T).solution.T
+    return torch.cholesky_solve(B.T, L).T
