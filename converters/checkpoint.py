@@ -7,7 +7,9 @@ closed afterwards, so the resident set never holds more than the tensors asked f
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import shutil
 import struct
@@ -17,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UnsupportedModelError
+from .output import writing
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -34,6 +38,73 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+FP8_TAGS = ("F8_E4M3",)  # the weight dtype of every FP8 checkpoint format read here (float8_e4m3fn)
+BLOCK_SCALE, TENSOR_SCALE, INPUT_SCALE = "weight_scale_inv", "weight_scale", "input_scale"
+
+
+class SourceQuant(BaseModel):
+    """How an FP8 source checkpoint stores its weights (its ``quantization_config``), or None for a float one.
+
+    Block FP8 (DeepSeek-V3, Kimi-K2, Qwen3-*-FP8): float8_e4m3fn ``weight`` [out, in] with a float32
+    ``weight_scale_inv`` [ceil(out/bm), ceil(in/bn)] per ``weight_block_size`` = [bm, bn] block; the real weight is
+    ``weight · scale`` block by block. Per-tensor FP8: one float32 ``weight_scale`` per tensor (and with
+    ``activation_scheme: static`` an ``input_scale``). Carried into the moe_lowrank config as
+    ``linear_quantization`` so the plugin serves the non-expert layers in FP8.
+    """
+
+    model_config = ConfigDict(frozen=True)
+    quant_method: str = "fp8"
+    weight_block_size: tuple[int, int] | None = None
+    activation_scheme: str = "dynamic"
+    ignored: tuple[str, ...] = ()  # modules the source left unquantized (ignored_layers / modules_to_not_convert)
+
+    @classmethod
+    def from_config(cls, qc: dict | None, source: str = "config.json") -> SourceQuant | None:
+        """Parse a source ``quantization_config``; refuse every format other than FP8, naming it."""
+        if not qc:
+            return None
+        qm = str(qc.get("quant_method", "?"))
+        if qm != "fp8":
+            hint = " (gpt-oss MXFP4 experts)" if qm == "mxfp4" else ""
+            raise UnsupportedModelError(f"{source}: the checkpoint is already quantized with quant_method={qm!r}"
+                                        f"{hint}; moe-convert reads float (bf16/fp16/fp32) and FP8 (quant_method "
+                                        "'fp8', block or per-tensor) checkpoints: convert the original weights")
+        if qc.get("fmt", "e4m3") != "e4m3":
+            raise UnsupportedModelError(f"{source}: FP8 format fmt={qc['fmt']!r} is not supported (only e4m3)")
+        block = qc.get("weight_block_size")
+        if block is not None and (len(block) != 2 or min(block) <= 0):
+            raise UnsupportedModelError(f"{source}: quantization_config.weight_block_size={block} must be two "
+                                        "positive integers [block_out, block_in]")
+        ignored = qc.get("ignored_layers") or qc.get("modules_to_not_convert") or ()
+        return cls(weight_block_size=tuple(block) if block else None,
+                   activation_scheme=qc.get("activation_scheme", "dynamic"), ignored=tuple(ignored))
+
+    def linear_quantization(self) -> dict:
+        """The source's fp8 settings in the keys vLLM's Fp8Config reads (the moe_lowrank ``linear_quantization``)."""
+        out = {"quant_method": self.quant_method, "activation_scheme": self.activation_scheme,
+               "weight_block_size": list(self.weight_block_size) if self.weight_block_size else None}
+        if self.ignored:
+            out["ignored_layers"] = list(self.ignored)
+        return out
+
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the scale of an FP8 weight of ``shape`` (2-D, or stacked 3-D experts)."""
+        if self.weight_block_size is None:
+            return ()
+        bm, bn = self.weight_block_size
+        return (*shape[:-2], -(-shape[-2] // bm), -(-shape[-1] // bn))
+
+
+def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``w · scale`` in float32, then cast: per [bm, bn] block (``block``) or one scale for the whole tensor.
+
+    w: [..., out, in] float8_e4m3fn; scale: [..., ceil(out/bm), ceil(in/bn)] or a single element."""
+    if block is None:
+        return (w.float() * scale.float().reshape(())).to(dtype)
+    bm, bn = block
+    s = scale.float().repeat_interleave(bm, -2).repeat_interleave(bn, -1)  # [..., >= out, >= in]
+    return (w.float() * s[..., :w.shape[-2], :w.shape[-1]]).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -99,6 +170,69 @@ class Checkpoint:
             raise CheckpointError(f"{cfg}: not valid JSON ({err})") from None
         self.tensors: dict[str, TensorInfo] = self._scan()
 
+    @functools.cached_property
+    def source_quant(self) -> SourceQuant | None:
+        """How the weights are quantized: the FP8 settings of an FP8 checkpoint (or of the non-expert layers of a
+        moe_lowrank checkpoint made from one), None for a float checkpoint. Every FP8 weight's scale is checked
+        here (present, float, the shape the block size implies), so a bad one fails before any work starts."""
+        qc = self.config.get("quantization_config")
+        experts: tuple[str, ...] = ()  # a moe_lowrank checkpoint's expert tensors follow format.py, not this
+        if isinstance(qc, dict) and qc.get("quant_method") == "moe_lowrank":
+            experts = tuple(qc["moe_prefix"].format(layer=l) + "." for l in qc.get("moe_layers", []))
+            qc = qc.get("linear_quantization")
+        quant = SourceQuant.from_config(qc, str(self.path / "config.json"))
+        for name, info in self.tensors.items():
+            if info.dtype in FP8_TAGS and not name.startswith(experts):
+                self._check_scale(name, info, quant)
+        return quant
+
+    def _check_scale(self, name: str, info: TensorInfo, quant: SourceQuant | None) -> None:
+        where = self.path / info.file
+        if quant is None:
+            raise CheckpointError(f"{where}: tensor {name!r} is float8 but config.json has no fp8 "
+                                  "quantization_config; the config does not belong to these weights")
+        scale = self.scale_name(name, quant)
+        if scale not in self.tensors:
+            raise CheckpointError(f"{where}: FP8 weight {name!r} has no scale tensor {scale!r}; the checkpoint is "
+                                  "incomplete (re-download it)")
+        s = self.tensors[scale]
+        if s.float_dtype is None:
+            raise CheckpointError(f"{self.path / s.file}: scale {scale!r} is {s.dtype}, expected a float tensor")
+        want = quant.scale_shape(info.shape)
+        ok = s.shape == want if quant.weight_block_size else math.prod(s.shape) == 1
+        if not ok:
+            block = (f"weight_block_size {list(quant.weight_block_size)} in config.json" if quant.weight_block_size
+                     else "per-tensor FP8 (no weight_block_size in config.json)")
+            raise CheckpointError(f"{self.path / s.file}: scale {scale!r} has shape {list(s.shape)}, but weight "
+                                  f"{name!r} {list(info.shape)} with {block} needs {list(want) or [1]}; the block "
+                                  "size in config.json does not match the checkpoint's scales")
+
+    def scale_name(self, name: str, quant: SourceQuant | None = None) -> str:
+        """The scale tensor of FP8 weight ``name`` (``*.weight_scale_inv`` for block FP8, else ``*.weight_scale``)."""
+        quant = quant or self.source_quant
+        stem = name.removesuffix("weight")
+        return stem + (BLOCK_SCALE if quant is not None and quant.weight_block_size else TENSOR_SCALE)
+
+    def is_fp8(self, name: str) -> bool:
+        return self.info(name).dtype in FP8_TAGS
+
+    def companions(self, name: str) -> list[str]:
+        """The scale tensors stored beside weight ``name`` (none for a float weight)."""
+        stem = name.removesuffix("weight")
+        return [stem + s for s in (BLOCK_SCALE, TENSOR_SCALE, INPUT_SCALE) if name.endswith("weight") and
+                stem + s in self.tensors]
+
+    @functools.cached_property
+    def scale_tensors(self) -> frozenset[str]:
+        """Every FP8 scale tensor of the checkpoint (what a float copy of the model leaves out)."""
+        return frozenset(c for n, info in self.tensors.items() if info.dtype in FP8_TAGS for c in self.companions(n))
+
+    @property
+    def dequant_dtype(self) -> torch.dtype:
+        """The dtype FP8 weights are dequantized to: the dtype of the checkpoint's float tensors (norms,
+        embeddings; bfloat16 for published FP8 checkpoints)."""
+        return self.float_dtype()
+
     def _scan(self) -> dict[str, TensorInfo]:
         index = self.path / INDEX_NAME
         if index.is_file():
@@ -106,6 +240,8 @@ class Checkpoint:
                 weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as err:
                 raise CheckpointError(f"{index}: unreadable shard index ({err!r})") from None
+            for name, f in weight_map.items():  # before any file is touched
+                _check_shard_name(index, name, f)
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (self.path / f).is_file()]
             if missing:
@@ -146,10 +282,10 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: tensor {name!r} not found in the checkpoint") from None
 
     def float_dtype(self) -> torch.dtype:
-        """The dtype most floating-point weights are stored in."""
+        """The dtype most floating-point weights are stored in (FP8 weights and their scales not counted)."""
         counts: dict[torch.dtype, int] = defaultdict(int)
-        for t in self.tensors.values():
-            if t.float_dtype is not None:
+        for n, t in self.tensors.items():
+            if t.float_dtype is not None and not n.endswith((BLOCK_SCALE, TENSOR_SCALE, INPUT_SCALE)):
                 counts[t.float_dtype] += 1
         return max(counts, key=counts.get) if counts else torch.float32
 
@@ -168,22 +304,49 @@ class Checkpoint:
     def get_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         return dict(self.iter_tensors(names))
 
+    def iter_dequantized(self, names: Iterable[str],
+                         dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Like iter_tensors, but each FP8 weight comes back dequantized with its scale (``dtype``, default
+        dequant_dtype), one tensor at a time; float tensors come back unchanged."""
+        for n, t in self.iter_tensors(names):
+            if t.dtype == torch.float8_e4m3fn:
+                quant = self.source_quant
+                if quant is None:
+                    self._check_scale(n, self.info(n), None)
+                scale = self.get(self.scale_name(n, quant))
+                t = dequantize_fp8(t, scale, quant.weight_block_size, dtype or self.dequant_dtype)
+            yield n, t
+
+    def get_dequantized(self, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return dict(self.iter_dequantized(names, dtype))
+
     def get(self, name: str) -> torch.Tensor:
         return self.get_many([name])[name]
+
+
+def _check_shard_name(index: Path, tensor: str, file: object) -> None:
+    """A shard named by the index must be a file directly in the checkpoint folder. Checked on the name, not on
+    the resolved target: a hub cache snapshot's shards are symlinks into its blobs folder."""
+    norm = os.path.normpath(file) if isinstance(file, str) and file else ""
+    if not norm or os.path.isabs(file) or norm in (".", "..") or "/" in norm or os.sep in norm or "\\" in norm:
+        raise CheckpointError(f"{index}: tensor {tensor!r} points to {file!r}, which is not a file in the "
+                              "checkpoint folder; the index is corrupt or tampered with (refusing to open it)")
 
 
 def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write a safetensors file atomically (temporary name, then rename)."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with writing(path):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
 
 
 def write_json(obj: object, path: Path) -> None:
     """Write JSON atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    with writing(path):
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
 
 
 def write_index(weight_map: dict[str, str], total_bytes: int, folder: Path) -> None:
@@ -197,6 +360,7 @@ def copy_aux_files(src: Path, dst: Path) -> list[str]:
     for pattern in AUX_PATTERNS:
         for f in sorted(src.glob(pattern)):
             if f.is_file() and f.name not in copied:
-                shutil.copy2(f, dst / f.name)
+                with writing(dst / f.name):
+                    shutil.copy2(f, dst / f.name)
                 copied.append(f.name)
     return copied

@@ -15,6 +15,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pydantic import ValidationError  # noqa: E402
 
+from vllm_moe_lowrank.format import FormatError  # noqa: E402
+
 from .errors import ConvertError  # noqa: E402
 from .method import METHODS  # noqa: E402
 
@@ -41,9 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seq-len", type=int, default=512)
     cal.add_argument("--seed", type=int, default=42)
     cal.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward batch")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                    help="dtype of the written factors (auto: the checkpoint's)")
+    cal.add_argument("--propagate", default="compressed", choices=["compressed", "dense"],
+                     help="hidden states fed to the next layer: the compressed layer's output (default) or the "
+                          "original's")
+    cal.add_argument("--gram-weight", default="routing", choices=["routing", "none"],
+                     help="weight each expert's Grams by its squared routing weight (Σ g²·x xᵀ; default) or not")
+    cal.add_argument("--shrink", default="smooth", choices=["smooth", "cliff"],
+                     help="Gram shrinkage toward the layer mean: smooth in the token count for every expert "
+                          "(default) or only experts with fewer tokens than dimensions (old rule)")
+    cal.add_argument("--down-fit", default="compressed", choices=["compressed", "dense"],
+                     help="fit down on the compressed gate/up's intermediates (default) or on the original's")
+    ap.add_argument("--factor-dtype", "--dtype", dest="factor_dtype", default="auto",
+                    choices=["auto", "bfloat16", "float16", "float32", "fp8_e4m3"],
+                    help="dtype of the written factors; fp8_e4m3 adds float32 per-row scales (auto: fp8_e4m3 for an "
+                         "FP8 checkpoint, else the checkpoint's float dtype)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] for calibration and fitting")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="let transformers run the checkpoint's own config/tokenizer code (e.g. Kimi-K2's tokenizer)")
     ap.add_argument("--export-dense", type=Path, metavar="DIR",
                     help="also write a plain HF checkpoint with the reconstructed dense experts")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and a memory estimate; write nothing")
@@ -52,10 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _bytes_line(report: dict) -> str:
+    b = report.get("bytes") or {}
+    if not b:
+        return ""
+    return (f"routed-expert bytes ({report.get('factor_dtype', '?')} factors): {b['source_expert_bytes']:,} -> "
+            f"{b['expert_bytes']:,} ({b['expert_bytes_ratio']:.3f}x the source, {b['expert_bytes_vs_bf16']:.3f}x "
+            f"bf16); checkpoint {b['source_checkpoint_bytes']:,} -> {b['checkpoint_bytes']:,} "
+            f"({b['checkpoint_bytes_ratio']:.3f}x)")
+
+
 def _summary(report: dict) -> str:
     lines = [f"method {report['method']}  target ratio {report['target_ratio']}  "
              f"achieved ratio {report['achieved_ratio']:.4f}",
              f"routed-expert params: {report['expert_params']['original']:,} -> {report['expert_params']['kept']:,}",
+             _bytes_line(report),
              f"{'layer':>5}  {'status':<10}  {'gate err':>8}  {'up err':>8}  {'down err':>8}  {'out err':>8}"]
     for layer, r in report["layers"].items():
         if r.get("status") != "compressed":
@@ -83,10 +110,11 @@ def main(argv: list[str] | None = None) -> None:
             return
         report = convert(opts)
     except ValidationError as err:
-        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: "
+                             f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors())
         print(f"moe-convert: error: {problems}", file=sys.stderr)
         sys.exit(2)
-    except ConvertError as err:
+    except (ConvertError, FormatError, OSError) as err:  # FormatError: a written checkpoint failed verification
         print(f"moe-convert: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(_summary(report))

@@ -1,13 +1,14 @@
 """``--export-dense``: a plain HuggingFace checkpoint whose experts are the reconstructed dense weights.
 
 For transformers users, and as the reference the vLLM plugin is tested against. Streams one layer at a time.
+Non-expert FP8 layers (a checkpoint converted from an FP8 source) are written dequantized, without their scales.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,8 +16,13 @@ import torch
 
 from vllm_moe_lowrank.format import PROJS, MoELowRankConfig, materialize_projection
 
+from .arch import FAMILIES, detect
 from .checkpoint import Checkpoint, copy_aux_files, save_shard, write_index, write_json
-from .errors import OutputError
+from .errors import ConvertError
+from .experts import ExpertWeights, source_layout
+from .output import EXPORT_TMP, Staging, check_paths
+
+EXPORT_MARKER = "moe_lowrank_dense_export.json"  # identifies a folder this wrote (--overwrite replaces only those)
 
 
 def export_dense(compressed: str | Path, out: str | Path, dtype: torch.dtype | None = None,
@@ -25,24 +31,33 @@ def export_dense(compressed: str | Path, out: str | Path, dtype: torch.dtype | N
 
     dtype defaults to the dtype of the compressed factors.
     """
+    out = Path(out)
+    check_paths(Path(compressed), {"--export-dense": (out, EXPORT_MARKER)}, overwrite)
     ckpt = Checkpoint(compressed)
     cfg = MoELowRankConfig.from_hf_config(ckpt.config)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"{out}: export folder exists and is not empty; pass --overwrite to replace it")
-    tmp = out.with_name(out.name + ".export-tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    staging = Staging(out, EXPORT_TMP)
+    try:
+        if staging.exists():
+            staging.reuse(clear=True)  # refuses a live export; an interrupted one is redone from the start
+        else:
+            staging.create()
+        _write(ckpt, cfg, staging.dir, dtype, compressed)
+        staging.publish(EXPORT_MARKER)
+    finally:
+        staging.release()
+    return out
 
+
+def _write(ckpt: Checkpoint, cfg: MoELowRankConfig, tmp: Path, dtype: torch.dtype | None, source) -> None:
     expert_specs = cfg.all_expert_tensor_specs()
-    if dtype is None:
-        dtypes = [ckpt.info(n).float_dtype for n, s in expert_specs.items() if s.dtype == "float"]
-        dtype = max(set(dtypes), key=dtypes.count)
+    if dtype is None:  # the compressed layers' factors (not the layers left dense); FP8 factors: the model's dtype
+        dtypes = [ckpt.info(n).float_dtype for layer in cfg.layers for n, s in cfg.tensor_specs(layer).items()
+                  if s.dtype == "float"]
+        dtype = max(set(dtypes), key=dtypes.count) if dtypes else ckpt.float_dtype()
     # group the non-expert tensors by the shard they came from, so the export keeps the layer-per-shard layout
     by_file: dict[str, list[str]] = defaultdict(list)
     for name, info in ckpt.tensors.items():
-        if name not in expert_specs:
+        if name not in expert_specs and name not in ckpt.scale_tensors:  # FP8 layers are written dequantized
             by_file[info.file].append(name)
     layers_of_file: dict[str, list[int]] = defaultdict(list)  # the shard holding each MoE layer's experts
     for layer in cfg.moe_layers:
@@ -50,22 +65,33 @@ def export_dense(compressed: str | Path, out: str | Path, dtype: torch.dtype | N
         layers_of_file[ckpt.info(first).file].append(layer)
     weight_map: dict[str, str] = {}
     for file in sorted(set(by_file) | set(layers_of_file)):
-        tensors = ckpt.get_many(by_file.get(file, []))
+        tensors = ckpt.get_dequantized(by_file.get(file, []))  # FP8 non-expert weights: weight · scale
         for layer in layers_of_file.get(file, []):
             if layer in cfg.layers:
-                tensors.update(_dense_layer(cfg, ckpt, layer, dtype))
+                dense = _dense_layer(cfg, ckpt, layer, dtype)
             else:
-                tensors.update(ckpt.get_many(cfg.dense_tensor_specs(layer)))
+                dense = ckpt.get_many(cfg.dense_tensor_specs(layer))
+            tensors.update(_source_layout(cfg, ckpt.config, layer, dense))
         save_shard(tensors, tmp / file)
         weight_map.update({n: file for n in tensors})
     write_index(weight_map, sum(os.path.getsize(tmp / f) for f in set(weight_map.values())), tmp)
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
     write_json(config, tmp / "config.json")
     copy_aux_files(ckpt.path, tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    write_json({"written_by": "moe-convert --export-dense", "source": str(source)}, tmp / EXPORT_MARKER)
+
+
+def _source_layout(cfg: MoELowRankConfig, config: dict, layer: int,
+                   per_expert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A layer's dense experts in the layout transformers reads for the family: fused where the family stores
+    them fused (Granite-MoE), else unchanged (one tensor per expert and projection, the format's own names)."""
+    family = FAMILIES.get(config.get("model_type"))
+    if family is None or family.fused is None:
+        return per_expert
+    arch = detect({k: v for k, v in config.items() if k != "quantization_config"})
+    stacked = {p: torch.stack([per_expert[cfg.tensor_name(layer, p, "weight", e)] for e in range(cfg.num_experts)])
+               for p in PROJS}
+    return source_layout(arch, layer, ExpertWeights(**stacked))
 
 
 def _dense_layer(cfg: MoELowRankConfig, ckpt: Checkpoint, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -81,7 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
-    export_dense(a.compressed, a.out, getattr(torch, a.dtype) if a.dtype else None, a.overwrite)
+    try:
+        export_dense(a.compressed, a.out, getattr(torch, a.dtype) if a.dtype else None, a.overwrite)
+    except (ConvertError, ValueError) as err:  # FormatError is a ValueError
+        print(f"export-dense: error: {err}", file=sys.stderr)
+        sys.exit(2)
     print(f"dense export written to {a.out}")
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vllm_moe_lowrank.format import LayerSpec
 
@@ -32,6 +32,12 @@ class MethodSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# option types every whitening method shares (whitening.regularize_gram): relative damping δ ∈ [0, 1] and the
+# shrinkage weight κ ≥ 0 (pseudo-tokens of the layer-mean Gram per dimension)
+Damp = Annotated[float, Field(ge=0, le=1)]
+Shrink = Annotated[float, Field(ge=0)]
+
+
 @dataclass
 class CompressedLayer:
     spec: LayerSpec
@@ -46,6 +52,7 @@ class MethodContext:
     device: torch.device
     load_experts: Any  # Callable[[int], ExpertWeights]: original experts of any MoE layer
     dtype: torch.dtype = torch.float32  # dtype the factors are written in; methods may hold large factors in it
+    has_calib_data: bool = False  # --calib-data was given (methods may turn data-aware fitting on by default)
 
 
 class Method:

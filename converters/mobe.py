@@ -31,11 +31,13 @@ from .budget import layer_budget
 from .calibration import LayerCalibration
 from .errors import RatioError
 from .experts import ExpertWeights
-from .method import CompressedLayer, Method, MethodSettings
-from .whitening import regularize_gram
+from .method import CompressedLayer, Damp, Method, MethodSettings, Shrink
 
 
 AUTO_DOWN_RATIO = 1 / 3  # down=auto: the largest ratio at which down stays dense (gate/up keep ≥ 1/2)
+# --device cuda: the official code's fit length (inclusionAI/MoBE train.py: 10k+ steps, eval every 200, patience
+# 2k) for steps / eval_every / patience not given with -o; on CPU the short defaults of MoBESettings
+GPU_FIT = {"steps": 10000, "eval_every": 200, "patience": 2000}
 
 
 class MoBESettings(MethodSettings):
@@ -53,9 +55,11 @@ class MoBESettings(MethodSettings):
     basis_rms: float = Field(0.0, ge=0)  # RMS of the initial basis entries (how nonlinear f starts); 0: per act
     refit_left: bool = True  # closed-form least-squares A_e after Adam (exact minimizer given the bases)
     batch_experts: int = Field(0, ge=0)  # experts per backward pass (gradient accumulation); 0: all at once
-    activation_aware: bool = False  # weight the error by each expert's calibration input Gram (ours)
-    damp: float = Field(1e-4, ge=0)  # relative Gram damping (activation_aware)
-    shrink: float = Field(0.1, ge=0)  # rare experts' Grams shrink toward the layer mean (activation_aware)
+    # weight the error by each expert's calibration Gram [ours]; None: on when --calib-data is given and the ratio
+    # exceeds AUTO_DOWN_RATIO (measured: docs/methods/mobe.md), off otherwise (data-free, the paper)
+    activation_aware: bool | None = None
+    damp: Damp = 1e-4  # relative Gram damping (activation_aware)
+    shrink: Shrink = 0.1  # rare experts' Grams shrink toward the layer mean (activation_aware)
 
 
 # ----- ratio → (J, r) ----------------------------------------------------------------------------------------------
@@ -278,19 +282,19 @@ def fit_bases(W: torch.Tensor, J: int, r: int, act: Act, s: MoBESettings, gram: 
     for step in range(1, s.steps + 1):
         opt.zero_grad(set_to_none=True)
         loss_before = total_loss(True)  # loss of the parameters before this update
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * _lr_at(s, step - 1)
-        opt.step()
-        steps_done = step
         if (step - 1) % s.eval_every == 0 and step > 1:
             curve.append([step - 1, round(loss_before, 7)])
-            if loss_before < best:
+            if loss_before < best:  # the state this loss belongs to: the parameters before opt.step()
                 if loss_before < best * (1 - s.min_delta):
                     last_gain = step - 1
                 best, best_step = loss_before, step - 1
                 best_state = [p.detach().clone() for p in params]
             if step - 1 - last_gain >= s.patience:
                 break
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * _lr_at(s, step - 1)
+        opt.step()
+        steps_done = step
     with torch.no_grad():
         final = total_loss(False)
         if final < best:
@@ -317,6 +321,12 @@ class MoBEMethod(Method):
     Settings = MoBESettings
 
     def __init__(self, ctx, settings: MoBESettings):
+        update = {}
+        if ctx.device.type == "cuda":
+            update = {k: v for k, v in GPU_FIT.items() if k not in settings.model_fields_set}
+        if settings.activation_aware is None:
+            update["activation_aware"] = ctx.has_calib_data and ctx.ratio > AUTO_DOWN_RATIO
+        settings = settings.model_copy(update=update)
         super().__init__(ctx, settings)
         self.needs_calibration = settings.activation_aware
 
@@ -377,30 +387,41 @@ class MoBEMethod(Method):
 
     # --- the work ---
     def _grams(self, p: str, weights: ExpertWeights, calib: LayerCalibration) -> torch.Tensor:
-        """[E, in, in] regularized per-expert Grams of the projection's input, normalized per token."""
+        """[E, in, in] regularized per-expert Grams of gate/up's input (calibration.py's API), per token."""
         s, E = self.settings, self.arch.num_experts
-        mean = calib.mean_gram_in() if p != "down" else None
-        out = []
-        for e in range(E):
-            n_e = int(calib.token_index(e).numel())
-            g = calib.gram_mid(e, weights) if p == "down" else calib.gram_in(e)
-            out.append((regularize_gram(g, n_e, mean, s.damp, s.shrink) / max(calib.num_tokens, 1)).float())
-        return torch.stack(out)
+        return torch.stack([(calib.expert_gram_in(e, s.damp, s.shrink) / max(calib.num_tokens, 1)).float()
+                            for e in range(E)])
+
+    def _down_targets(self, weights: ExpertWeights, calib: LayerCalibration,
+                      gate_up: dict[str, BasisFit]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W* [E, n, m], Ĝ [E, m, m] per token): down refitted on ĥ of the fitted gate/up (calibration.down_target;
+        ``--down-fit dense``: the original down and h's Grams)."""
+        s = self.settings
+        Wg, Wu = (gate_up[p].weights().detach().cpu().to(self.ctx.dtype).double() for p in ("gate", "up"))
+        Ws, Gs = [], []
+        for e in range(self.arch.num_experts):
+            W, G = calib.down_target(e, weights, Wg[e], Wu[e], s.damp, s.shrink)
+            Ws.append(W.float())
+            Gs.append((G / max(calib.num_tokens, 1)).float())
+        return torch.stack(Ws), torch.stack(Gs)
 
     def compress_layer(self, layer: int, weights: ExpertWeights, calib: LayerCalibration | None) -> CompressedLayer:
         s = self.settings
         with_down, shapes = self.plan()
         tensors, info, specs = {}, {"down_mode": "basis" if with_down else "dense"}, {}
         gram_in = None
+        fits: dict[str, BasisFit] = {}
+        aware = s.activation_aware and calib is not None
         for p, sh in shapes.items():
-            gram = None
-            if s.activation_aware and calib is not None:
+            gram, target = None, weights.proj(p)
+            if aware:
                 if p == "down":
-                    gram = self._grams("down", weights, calib)
+                    target, gram = self._down_targets(weights, calib, fits)
                 else:
                     gram = gram_in if gram_in is not None else self._grams("gate", weights, calib)
                     gram_in = gram
-            fit = fit_bases(weights.proj(p), sh.num_bases, sh.rank, s.act, s, gram, self.ctx.device)
+            fit = fit_bases(target, sh.num_bases, sh.rank, s.act, s, gram, self.ctx.device)
+            fits[p] = fit
             U, V, mix = fit.tensors()
             for e in range(self.arch.num_experts):
                 tensors[p, "lr_u", e] = U[e].detach().cpu()
@@ -409,9 +430,10 @@ class MoBEMethod(Method):
             specs[p] = ProjSpec(lowrank=LowRankTerm(ranks=[sh.rank] * self.arch.num_experts,
                                                     num_bases=sh.num_bases, act=s.act))
             info[p] = {"num_bases": sh.num_bases, "rank": sh.rank, **fit.info}
-        if not with_down:
+        if not with_down:  # dense down: refitted on ĥ when calibrated (full-rank least squares, same size)
+            down = self._down_targets(weights, calib, fits)[0] if aware else weights.down
             for e in range(self.arch.num_experts):
-                tensors["down", "weight", e] = weights.get("down", e).cpu()
+                tensors["down", "weight", e] = down[e].float().cpu()
             specs["down"] = ProjSpec(dense=DenseTerm())
         return CompressedLayer(spec=LayerSpec(method=self.name, **specs), tensors=tensors, info=info)
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from vllm_moe_lowrank.format import (FORMAT_VERSION, PROJS, LayerSpec, LowRankTerm, MoELowRankConfig, ProjSpec,
                                      materialize_projection)
@@ -29,8 +29,11 @@ from vllm_moe_lowrank.format import (FORMAT_VERSION, PROJS, LayerSpec, LowRankTe
 from .calibration import LayerCalibration, dense_expert_fn, moe_output
 from .errors import RatioError
 from .experts import ExpertWeights
-from .method import CompressedLayer, Method, MethodSettings
-from .whitening import Whitening, regularize_gram, solve_spd, whitened_svd, whitening
+from .method import CompressedLayer, Damp, Method, MethodSettings, Shrink
+from .whitening import Whitening, solve_spd, whitened_svd, whitening
+
+
+GU = ("gate", "up")
 
 
 class MoESVDSettings(MethodSettings):
@@ -43,15 +46,21 @@ class MoESVDSettings(MethodSettings):
     layers: list[int] | None = None  # explicit decomposed layers (overrides selection and num_layers)
     # decomposed layers: min = the fewest that reach the ratio (most layers stay dense, lowest rank), max = the most
     # (highest rank), or a number; the rank is what lands the budget exactly
-    num_layers: int | Literal["min", "max"] = "min"
+    num_layers: Annotated[int, Field(ge=1)] | Literal["min", "max"] = "min"
+    preset: Literal["measured", "paper"] = "measured"  # paper: the literal paper settings for every option left unset
     share: bool = True  # False: per-expert whitened SVD in the selected layers (no sharing, no trimming)
-    k_u: int | None = None  # left slots kept per group; None: paper default (E/4 for E <= 16, else 2 per 8)
-    group_size: int | None = None  # experts per sharing group; None: E for E <= 16, else 8
+    # left slots kept per group; None: the group size (measured, no trimming) or the paper's E/4 (2 per 8)
+    k_u: Annotated[int, Field(ge=1)] | None = None
+    # shared right factor: pooled = top directions of the frequency-weighted stack under the group's summed Gram
+    # [ours, measured]; top = the whitened V of the group's most frequent expert (Eq. 5, paper); None: per preset
+    v_source: Literal["pooled", "top"] | None = None
+    share_down: bool | None = None  # down shares V like gate/up (paper) or is a per-expert SVD (measured); None: preset
+    group_size: Annotated[int, Field(ge=1)] | None = None  # experts per sharing group; None: E for E <= 16, else 8
     combine: Literal["refit", "sum", "mean", "eq8", "alg3"] = "refit"  # slot matrix of a combination (Eq. 8)
-    tau: float = 2.0  # activation-outlier threshold of a_i (App. Alg. 1)
-    p_threshold: float = 1e-2  # principal rank p_i counts σ_j > p_threshold·σ_max (App. Alg. 1)
-    damp: float = 1e-4
-    shrink: float = 0.1
+    tau: float = Field(2.0, gt=0)  # activation-outlier threshold of a_i (App. Alg. 1)
+    p_threshold: float = Field(1e-2, gt=0, lt=1)  # principal rank p_i counts σ_j > p_threshold·σ_max (App. Alg. 1)
+    damp: Damp = 1e-4
+    shrink: Shrink = 0.1
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -96,6 +105,10 @@ class MoESVDMethod(Method):
     Settings = MoESVDSettings
 
     def __init__(self, ctx, settings: MoESVDSettings):
+        if settings.preset == "paper":  # the paper's choices for every option not given explicitly
+            paper = {"selection": "sensitivity", "combine": "eq8"}
+            settings = settings.model_copy(update={k: v for k, v in paper.items()
+                                                   if k not in settings.model_fields_set})
         super().__init__(ctx, settings)
         s, a = settings, self.arch
         self.needs_plan_pass = s.layers is None and s.selection != "uniform"
@@ -115,10 +128,25 @@ class MoESVDMethod(Method):
         G = math.ceil(self.E / min(self.group_size(), self.E))
         return [[e for e in range(self.E) if e * G // self.E == g] for g in range(G)]
 
+    def paper(self) -> bool:
+        return self.settings.preset == "paper"
+
     def k_u(self, size: int) -> int:
-        """Left slots kept in a group of ``size`` experts (App. D.3: 8 → 2, 16 → 4, groups of 8 → 2)."""
-        k = self.settings.k_u if self.settings.k_u is not None else max(1, self.group_size() // 4)
+        """Left slots kept in a group of ``size`` experts (paper, App. D.3: 8 → 2, 16 → 4, groups of 8 → 2;
+        measured default: one per expert, no trimming)."""
+        k = self.settings.k_u
+        if k is None:
+            k = max(1, self.group_size() // 4) if self.paper() else self.group_size()
         return min(k, size)
+
+    def v_source(self) -> str:
+        return self.settings.v_source or ("top" if self.paper() else "pooled")
+
+    def share_down(self) -> bool:
+        return self.settings.share_down if self.settings.share_down is not None else self.paper()
+
+    def shared_projs(self) -> tuple[str, ...]:
+        return PROJS if self.share_down() else ("gate", "up")
 
     def io(self, p: str) -> tuple[int, int]:
         return (self.n, self.m) if p == "down" else (self.m, self.n)
@@ -127,7 +155,7 @@ class MoESVDMethod(Method):
         out = []
         for p in PROJS:
             o, i = self.io(p)
-            if self.settings.share:
+            if self.settings.share and p in self.shared_projs():
                 out += [Factorization(p, g, self.k_u(len(mem)) * o + i, min(o, i))
                         for g, mem in enumerate(self.groups())]
             else:
@@ -317,30 +345,38 @@ class MoESVDMethod(Method):
         # frequency rank π inside each group (ties by expert index) and the source expert e* (Eq. 5)
         order = [sorted(mem, key=lambda e: (-float(freq[e]), e)) for mem in groups]
         facts = self.factorizations()
-        # pass 1: the sources' whitened spectra decide the ranks (Eq. 2 on e* only)
+        shared, pooled = self.shared_projs(), self.v_source() == "pooled"
+        # pass 1: whitened spectra decide the ranks (Eq. 2 on e*, or of the pooled stack; per-expert down: its own)
         spectra = {}
-        for g in range(len(groups)):
+        for g, mem in enumerate(groups):
             src = order[g][0]
-            for p in PROJS:
-                W = weights.get(p, src, torch.float64).to(dev)  # [out, in]
-                spectra[p, g] = torch.linalg.svdvals(W @ grams.white(p, src).S) ** 2  # [min(out, in)]
-            grams.drop(src)  # recomputed in pass 2: holds at most one group's statistics at a time
+            for p in shared:
+                spectra[p, g] = (pooled_spectrum(weights, grams, p, mem, freq) if pooled else
+                                 torch.linalg.svdvals(weights.get(p, src, torch.float64).to(dev)
+                                                      @ grams.white(p, src).S) ** 2)  # [min(out, in)]
+            if "down" not in shared:
+                for e in mem:
+                    spectra["down", e] = torch.linalg.svdvals(weights.get("down", e, torch.float64).to(dev)
+                                                              @ grams.white("down", e).S) ** 2
+            for e in mem:
+                grams.drop(e)  # recomputed in pass 2: holds at most one group's statistics at a time
         sig = [spectra[f.proj, f.group] for f in facts]
         ranks = allocate_ranks(budget, facts, sig)
         if min(ranks) < 1:
             raise RatioError(f"layer {layer}: budget {budget} leaves a rank below 1")
         rank = {(f.proj, f.group): r for f, r in zip(facts, ranks)}
         # pass 2, one group at a time: shared right factor, per-expert statistics, slots
-        V = {p: [] for p in PROJS}
-        U = {p: [] for p in PROJS}
+        V = {p: [] for p in shared}
+        U = {p: [] for p in shared}
+        tensors = {}
         slot_of = [0] * E
-        err_num = {p: 0.0 for p in PROJS}
-        err_den = {p: 0.0 for p in PROJS}
+        err_num = {p: 0.0 for p in shared}
+        err_den = {p: 0.0 for p in shared}
         slot_base = 0
         for g, mem in enumerate(groups):
             k = self.k_u(len(mem))
-            fits = {p: project_group(weights, grams, p, order[g], k, rank[p, g], self.settings.combine, dev)
-                    for p in PROJS}
+            fits = {p: project_group(weights, grams, p, order[g], k, rank[p, g], self.settings.combine, dev,
+                                     freq if pooled else None) for p in shared}
             pos_slot, slots = trim(fits, k, self.settings.combine)
             for pi, e in enumerate(order[g]):
                 slot_of[e] = slot_base + pos_slot[pi]
@@ -350,20 +386,30 @@ class MoESVDMethod(Method):
                 right, left = fit.balanced(slots[p])
                 V[p].append(right)
                 U[p] += left
+            if "down" not in shared:  # per-expert down, fitted on ĥ of the gate/up as written (down_target)
+                s = self.settings
+                for pi, e in enumerate(order[g]):
+                    gu = [(slots[p][pos_slot[pi]] @ fits[p].R0).to(self.ctx.dtype).double().cpu() for p in GU]
+                    W, G = grams.c.down_target(e, weights, *gu, s.damp, s.shrink)
+                    L, R = whitened_svd(W.to(dev), whitening(G.to(dev))).factors(rank["down", e])
+                    tensors["down", "lr_u", e], tensors["down", "lr_v", e] = L.cpu(), R.cpu()
             for e in mem:
                 grams.drop(e)
             slot_base += k
         right_groups = [next(g for g, mem in enumerate(groups) if e in mem) for e in range(E)]
-        tensors, projs = {}, {}
-        for p in PROJS:
+        projs = {}
+        for p in shared:
             tensors[p, "lr_v", None] = torch.cat(V[p]).cpu()  # [Σ_g r_g, in]
             tensors[p, "lr_u", None] = torch.cat(U[p], dim=1).cpu()  # [out, Σ_s r_s]
             projs[p] = ProjSpec(lowrank=LowRankTerm(ranks=[rank[p, right_groups[e]] for e in range(E)],
                                                     right_groups=right_groups, left_slots=list(slot_of)))
+        if "down" not in shared:
+            projs["down"] = ProjSpec(lowrank=LowRankTerm(ranks=[rank["down", e] for e in range(E)]))
         info = {"ranks": _rank_info(rank), "sources": [o[0] for o in order], "left_slots": slot_of,
                 "k_u": [self.k_u(len(mem)) for mem in groups], "combine": self.settings.combine,
+                "v_source": self.v_source(), "share_down": "down" in shared,
                 "whitened_rel_err": {p: math.sqrt(err_num[p] / err_den[p]) if err_den[p] > 0 else 0.0
-                                     for p in PROJS}}
+                                     for p in shared}}
         return CompressedLayer(spec=LayerSpec(method=self.name, **projs), tensors=tensors, info=info)
 
 
@@ -421,12 +467,12 @@ def residual_error(arch, layer: int, comp: CompressedLayer, weights: ExpertWeigh
 
 # ----- per-group fitting ----------------------------------------------------------------------------------------
 class _GramCache:
-    """Regularized whitening of each expert's gate/up input and down input, kept until the expert is dropped."""
+    """Regularized Grams (calibration.py's API: routing-weighted, shrunk) and whitening of each expert's gate/up
+    input and down input, kept until the expert is dropped."""
 
     def __init__(self, weights: ExpertWeights, calib: LayerCalibration, damp: float, shrink: float,
                  device: torch.device):
         self.w, self.c, self.damp, self.shrink, self.dev = weights, calib, damp, shrink, device
-        self.mean_in = calib.mean_gram_in().to(device)  # [n, n]
         self.cache: dict[tuple[str, int], tuple[torch.Tensor, Whitening]] = {}
 
     def gram(self, p: str, e: int) -> torch.Tensor:
@@ -438,17 +484,37 @@ class _GramCache:
     def _get(self, p: str, e: int) -> tuple[torch.Tensor, Whitening]:
         key = ("mid" if p == "down" else "in", e)
         if key not in self.cache:
-            n_e = int(self.c.token_index(e).numel())
             if key[0] == "in":
-                G = regularize_gram(self.c.gram_in(e).to(self.dev), n_e, self.mean_in, self.damp, self.shrink)
-            else:  # down's input is e's own intermediate activation: no layer mean exists for it
-                G = regularize_gram(self.c.gram_mid(e, self.w).to(self.dev), n_e, None, self.damp)
+                G = self.c.expert_gram_in(e, self.damp, self.shrink).to(self.dev)
+            else:
+                G = self.c.expert_gram_mid(e, self.w, self.damp, self.shrink).to(self.dev)
             self.cache[key] = (G, whitening(G))
         return self.cache[key]
 
     def drop(self, e: int) -> None:
         for kind in ("in", "mid"):
             self.cache.pop((kind, e), None)
+
+
+def _pooled_basis(weights: ExpertWeights, grams: _GramCache, p: str, members: list[int],
+                  freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Whitening]:
+    """Eigen-decomposition of the group's frequency-weighted whitened stack [ours]: with S_g S_gᵀ = Σ_i G_i,
+    M = S_gᵀ (Σ_i w_i W_iᵀ W_i) S_g, w_i = f_i / mean f (gate/up: W_i [out, in]). Returns (σ² descending, V [in, k],
+    S_g's whitening): the shared right factor R₀ = V_rᵀ S_g⁻¹ serves every member instead of e*'s alone."""
+    Gs = sum(grams.gram(p, e) for e in members)
+    white = whitening(Gs)
+    f = freq[members].double()
+    w = f / f.mean().clamp(min=1e-30) if float(f.sum()) > 0 else torch.ones_like(f)
+    acc = sum(float(wi) * (lambda W: W.T @ W)(weights.get(p, e, torch.float64).to(Gs.device))
+              for wi, e in zip(w, members))
+    M = white.S.T @ acc @ white.S
+    evals, evecs = torch.linalg.eigh((M + M.T) / 2)
+    return evals.flip(0).clamp(min=0), evecs.flip(1), white
+
+
+def pooled_spectrum(weights: ExpertWeights, grams: _GramCache, p: str, members: list[int],
+                    freq: torch.Tensor) -> torch.Tensor:
+    return _pooled_basis(weights, grams, p, members, freq)[0]
 
 
 @dataclass
@@ -500,12 +566,18 @@ class ProjFit:
 
 
 def project_group(weights: ExpertWeights, grams: _GramCache, p: str, order: list[int], k: int, r: int,
-                  combine: str, device: torch.device) -> ProjFit:
-    """Whitened SVD of the group's most frequent expert ``order[0]`` (Eq. 2, 5) and every member's error model."""
+                  combine: str, device: torch.device, freq: torch.Tensor | None = None) -> ProjFit:
+    """Shared right factor: whitened SVD of the group's most frequent expert ``order[0]`` (Eq. 2, 5), or with
+    ``freq`` the pooled frequency-weighted basis (``_pooled_basis``); and every member's error model."""
     src = order[0]
     svd = whitened_svd(weights.get(p, src, torch.float64).to(device), grams.white(p, src))
-    R0 = grams.white(p, src).unwhiten(svd.Vh[:r])  # [r, in]
-    fit = ProjFit(R0=R0, sigma=svd.sigma[:r], A=[], B=[], c=[], own=[])
+    if freq is None:
+        R0 = grams.white(p, src).unwhiten(svd.Vh[:r])  # [r, in]
+        fit = ProjFit(R0=R0, sigma=svd.sigma[:r], A=[], B=[], c=[], own=[])
+    else:
+        evals, V, white = _pooled_basis(weights, grams, p, order, freq)
+        fit = ProjFit(R0=white.unwhiten(V[:, :r].T), sigma=evals[:r].sqrt(), A=[], B=[], c=[], own=[])
+        R0 = fit.R0
     for pi, e in enumerate(order):
         W = weights.get(p, e, torch.float64).to(device)  # [out, in]
         G = grams.gram(p, e)  # [in, in]

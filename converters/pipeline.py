@@ -2,8 +2,13 @@
 
 One decoder layer at a time: read its tensors, run the calibration batches through it (original weights; only
 hidden states are kept between layers), compress its routed experts, write the layer's shard, save the hidden
-states and progress. Output goes to ``<OUT>.moe-convert-tmp`` and is renamed to ``OUT`` at the end; ``--resume``
-continues a killed run from the last completed layer and produces the same files.
+states and progress. By default the hidden states handed to the next layer are the layer's output with its
+compressed experts as written (sequential propagation, as GPTQ / SVD-LLM / llm-compressor ``propagate_error``):
+later layers are calibrated on what the compressed model feeds them; ``--propagate dense`` keeps the original
+outputs. Output goes to a locked temporary folder (``<OUT>.moe-convert-tmp``, or ``OUT/.moe-convert-tmp`` in an
+existing folder) and is published at the end (output.py: what may be written or replaced, the lock, the publish);
+``--resume`` continues a killed run from the last completed layer (or an interrupted publish) and produces the same
+files.
 """
 
 from __future__ import annotations
@@ -12,31 +17,32 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
-from vllm_moe_lowrank.format import FORMAT_VERSION, PROJS, MoELowRankConfig, materialize_projection
+from vllm_moe_lowrank.format import (FACTOR_DTYPES, FORMAT_VERSION, PROJS, SCALE_SUFFIX, MoELowRankConfig,
+                                     materialize_projection)
 
 from .arch import MoEArch, detect
 from .calib_data import read_documents, token_windows
-from .calibration import LayerCalibration, moe_output
+from .calibration import CalibOptions, LayerCalibration, dense_expert_fn, moe_output
 from .checkpoint import Checkpoint, copy_aux_files, save_shard, write_index, write_json
-from .errors import CalibDataError, ConvertError, OutputError
+from .errors import CalibDataError, CheckpointError, ConvertError
 from .experts import ExpertWeights, expert_tensor_names, load_expert_weights
 from .method import CompressedLayer, Method, MethodContext, build_method
+from .output import CONVERT_TMP, STATE_NAME, Staging, check_paths, open_staging, writing
+from .quantize import quantize_layer
 from .runner import LayerRunner
-from .verify import verify_checkpoint
+from .verify import bytes_summary, source_bytes, verify_checkpoint
 
 REPORT_NAME = "moe_lowrank_report.json"
-TMP_SUFFIX = ".moe-convert-tmp"
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TMP_SUFFIX = CONVERT_TMP  # beside a new output; inside an existing one: OUT/.moe-convert-tmp (output.py)
 _ERR_TOKENS = 4096  # calibration tokens used for the report's output error
 
 
@@ -52,20 +58,42 @@ class ConvertOptions(BaseModel):
     seq_len: int = Field(512, gt=0)
     seed: int = 42
     batch_size: int = Field(8, gt=0)
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    factor_dtype: Literal["auto", "bfloat16", "float16", "float32", "fp8_e4m3"] = Field(
+        "auto", validation_alias=AliasChoices("factor_dtype", "dtype"))  # dtype: the flag's old name
     device: str = "cpu"
     options: list[str] = []
     export_dense: Path | None = None
     resume: bool = False
     overwrite: bool = False
+    trust_remote_code: bool = False
     command: str = ""
+    # calibration switches (each measured on its own: docs/methods/, benchmarks/results/calibration_ablation.json)
+    propagate: Literal["compressed", "dense"] = "compressed"  # hidden states fed forward after a layer
+    gram_weight: Literal["routing", "none"] = "routing"  # Grams Σ g²·x xᵀ (routing) or Σ x xᵀ
+    shrink: Literal["smooth", "cliff"] = "smooth"  # Gram shrinkage toward the layer mean (calibration.py)
+    down_fit: Literal["compressed", "dense"] = "compressed"  # down fitted on ĥ of the compressed gate/up, or on h
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        try:
+            kind = torch.device(v).type
+        except RuntimeError:
+            raise ValueError(f"{v!r} is not a device; use cpu or cuda[:N]") from None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"{v!r}: calibration and fitting run on cpu or cuda[:N]")
+        return v
+
+    def calib_options(self) -> CalibOptions:
+        return CalibOptions(weighted=self.gram_weight == "routing", shrink=self.shrink, down_fit=self.down_fit)
 
     def fingerprint(self, ckpt: Checkpoint) -> dict[str, Any]:
         """What must not change between a run and its --resume."""
         calib = None
         if self.calib_data is not None and self.calib_data.is_file():
             calib = hashlib.sha256(self.calib_data.read_bytes()).hexdigest()
-        keep = ("method", "ratio", "text_field", "num_samples", "seq_len", "seed", "batch_size", "dtype", "options")
+        keep = ("method", "ratio", "text_field", "num_samples", "seq_len", "seed", "batch_size", "factor_dtype",
+                "options", "propagate", "gram_weight", "shrink", "down_fit")
         return {**self.model_dump(mode="json", include=set(keep)), "calib_sha256": calib,
                 "config_sha256": hashlib.sha256(json.dumps(ckpt.config, sort_keys=True).encode()).hexdigest()}
 
@@ -78,8 +106,9 @@ class _State:
     """Progress of a conversion in ``<tmp>/.state``: done layers, their specs and reports, the plan, hidden states."""
 
     def __init__(self, tmp: Path):
-        self.dir = tmp / ".state"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = tmp / STATE_NAME
+        with writing(self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.file = self.dir / "progress.json"
         self.data: dict[str, Any] = json.loads(self.file.read_text()) if self.file.is_file() else {"layers": {}}
 
@@ -88,37 +117,26 @@ class _State:
 
     def save_hidden(self, hidden: list[torch.Tensor]) -> None:
         tmp = self.dir / "hidden.pt.tmp"
-        torch.save(hidden, tmp)
-        os.replace(tmp, self.dir / "hidden.pt")
+        with writing(tmp):
+            torch.save(hidden, tmp)
+            os.replace(tmp, self.dir / "hidden.pt")
 
     def load_hidden(self) -> list[torch.Tensor] | None:
         f = self.dir / "hidden.pt"
         return torch.load(f, weights_only=True) if f.is_file() else None
 
 
-def _prepare_output(opts: ConvertOptions, fingerprint: dict[str, Any]) -> tuple[Path, _State]:
-    final = opts.output
-    tmp = final.with_name(final.name + TMP_SUFFIX)
-    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not opts.overwrite:
-        raise OutputError(f"{final}: output folder exists and is not empty; pass --overwrite to replace it")
-    if tmp.exists():
-        if opts.resume:
-            state = _State(tmp)
-            old = state.data.get("fingerprint")
-            if old != fingerprint:
-                diff = sorted(k for k in fingerprint if (old or {}).get(k) != fingerprint[k])
-                raise OutputError(f"{tmp}: --resume refused: the interrupted run used different settings "
-                                  f"({', '.join(diff)}); rerun with the same ones, or --overwrite to start over")
-            return tmp, state
-        if not opts.overwrite:
-            raise OutputError(f"{tmp}: an interrupted conversion is there; pass --resume to continue it or "
-                              "--overwrite to start over")
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    state = _State(tmp)
-    state.data["fingerprint"] = fingerprint
-    state.save()
-    return tmp, state
+def _check_outputs(opts: ConvertOptions) -> None:
+    """Before any work (output.py): the outputs are safe to write, and no live converter holds this one."""
+    from .export_dense import EXPORT_MARKER
+
+    outputs = {"output": (opts.output, REPORT_NAME)}
+    if opts.export_dense is not None:
+        outputs["--export-dense"] = (opts.export_dense, EXPORT_MARKER)
+    if not opts.checkpoint.is_dir():
+        raise CheckpointError(f"{opts.checkpoint}: checkpoint folder not found")
+    Staging(opts.output, CONVERT_TMP).refuse_if_running()
+    check_paths(opts.checkpoint, outputs, opts.overwrite)
 
 
 def _calibration_batches(opts: ConvertOptions, ckpt: Checkpoint) -> list[torch.Tensor]:
@@ -130,28 +148,63 @@ def _calibration_batches(opts: ConvertOptions, ckpt: Checkpoint) -> list[torch.T
     if max_pos and opts.seq_len > max_pos:
         raise CalibDataError(f"--seq-len {opts.seq_len} exceeds the model's max_position_embeddings={max_pos}")
     docs = read_documents(opts.calib_data, opts.text_field)
-    tok = AutoTokenizer.from_pretrained(ckpt.path)
+    try:
+        tok = AutoTokenizer.from_pretrained(ckpt.path, trust_remote_code=opts.trust_remote_code)
+    except Exception as err:  # transformers raises ValueError/OSError/ImportError for an unloadable tokenizer
+        hint = "" if opts.trust_remote_code else "; if it needs its own code, pass --trust-remote-code"
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{ckpt.path}: transformers cannot load the tokenizer ({msg}){hint}") from None
     ids = token_windows(docs, tok, opts.num_samples, opts.seq_len, opts.seed, f"--calib-data {opts.calib_data}")
     return list(ids.split(opts.batch_size))
 
 
 def _out_dtype(opts: ConvertOptions, ckpt: Checkpoint) -> torch.dtype:
-    return ckpt.float_dtype() if opts.dtype == "auto" else _DTYPES[opts.dtype]
+    """dtype of the written factors: --factor-dtype; auto = float8_e4m3fn for an FP8 source, else its float dtype."""
+    if opts.factor_dtype == "auto":
+        return torch.float8_e4m3fn if ckpt.source_quant is not None else ckpt.float_dtype()
+    return FACTOR_DTYPES[opts.factor_dtype]
+
+
+def _fit_dtype(out_dtype: torch.dtype, ckpt: Checkpoint) -> torch.dtype:
+    """dtype the methods hold their factors in: the written one, or the source float dtype before FP8 rounding."""
+    return ckpt.float_dtype() if out_dtype == torch.float8_e4m3fn else out_dtype
+
+
+def _factor_dtype_name(out_dtype: torch.dtype) -> str:
+    return next(k for k, v in FACTOR_DTYPES.items() if v == out_dtype)
+
+
+def _source_bytes(ckpt: Checkpoint, arch: MoEArch) -> tuple[int, int]:
+    """(routed-expert bytes, whole-checkpoint bytes) of the source, FP8 scales included."""
+    return source_bytes(ckpt, [n for l in arch.moe_layers for n in expert_tensor_names(ckpt, arch, l)])
 
 
 def _format_config(arch: MoEArch, method: str, ratio: float, layers: dict[int, Any],
-                   achieved: float | None = None) -> MoELowRankConfig:
+                   achieved: float | None = None, linear_quantization: dict | None = None,
+                   factor_dtype: str | None = None) -> MoELowRankConfig:
     return MoELowRankConfig(
         format_version=FORMAT_VERSION, method=method, target_ratio=ratio, achieved_ratio=achieved,
         num_experts=arch.num_experts, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-        moe_prefix=arch.moe_prefix, expert_names=arch.expert_names, moe_layers=list(arch.moe_layers), layers=layers)
+        moe_prefix=arch.moe_prefix, expert_names=arch.expert_names, moe_layers=list(arch.moe_layers), layers=layers,
+        linear_quantization=linear_quantization, factor_dtype=factor_dtype)
 
 
-def _cast_layer(arch: MoEArch, method: str, layer: int, comp: CompressedLayer,
-                dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Name and cast a method's tensors through the format, checking each against the format's exact shape."""
-    cfg = _format_config(arch, method, 0.5, {layer: comp.spec})
-    specs = cfg.tensor_specs(layer)
+def _open_source(opts: ConvertOptions) -> tuple[Checkpoint, MoEArch]:
+    """The source checkpoint and its adapter; an FP8 source's scales are all checked here, before any work."""
+    ckpt = Checkpoint(opts.checkpoint)
+    arch = detect(ckpt.config, str(ckpt.path / "config.json"))
+    _ = ckpt.source_quant
+    return ckpt, arch
+
+
+def _cast_layer(arch: MoEArch, method: str, layer: int, comp: CompressedLayer, dtype: torch.dtype,
+                weights: ExpertWeights | None = None, calib: LayerCalibration | None = None) -> dict[str, torch.Tensor]:
+    """Name and cast a method's tensors through the format, checking each against the format's exact shape.
+    FP8 (``dtype`` float8_e4m3fn): rounded with per-row scales by ``quantize.quantize_layer``, whose left-factor
+    refit uses the layer's original ``weights`` and ``calib`` when given."""
+    fp8 = dtype == torch.float8_e4m3fn
+    cfg = _format_config(arch, method, 0.5, {layer: comp.spec}, factor_dtype=_factor_dtype_name(dtype) if fp8 else None)
+    specs = {n: s for n, s in cfg.tensor_specs(layer).items() if s.scale_of is None}
     out = {}
     for (p, suffix, e), t in comp.tensors.items():
         name = cfg.tensor_name(layer, p, suffix, e)
@@ -161,12 +214,14 @@ def _cast_layer(arch: MoEArch, method: str, layer: int, comp: CompressedLayer,
         if tuple(t.shape) != spec.shape:
             raise ConvertError(f"method {method} produced {name!r} with shape {list(t.shape)}; the format "
                                f"expects {list(spec.shape)}")
-        target = {"float": dtype, "float32": torch.float32, "int32": torch.int32}[spec.dtype]
+        target = {"float": dtype, "fp8": torch.float32, "float32": torch.float32, "int32": torch.int32}[spec.dtype]
         out[name] = t.detach().to("cpu", target).contiguous()
     missing = sorted(set(specs) - set(out))
     if missing:
         raise ConvertError(f"method {method} did not produce {len(missing)} tensor(s) of layer {layer}, e.g. "
                            f"{missing[0]!r}")
+    if fp8:
+        out, _ = quantize_layer(cfg, layer, out, weights, calib)
     return out
 
 
@@ -217,8 +272,9 @@ def _make_method(opts: ConvertOptions, arch: MoEArch, ckpt: Checkpoint) -> Metho
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConvertError(f"--device {opts.device}: no CUDA device is available; use --device cpu")
     ctx = MethodContext(arch=arch, ratio=opts.ratio, device=torch.device(opts.device),
+                        has_calib_data=opts.calib_data is not None,
                         load_experts=lambda layer: load_expert_weights(ckpt, arch, layer),
-                        dtype=_out_dtype(opts, ckpt))
+                        dtype=_fit_dtype(_out_dtype(opts, ckpt), ckpt))
     method = build_method(opts.method, ctx, opts.options)
     method.check_feasible()
     return method
@@ -226,8 +282,7 @@ def _make_method(opts: ConvertOptions, arch: MoEArch, ckpt: Checkpoint) -> Metho
 
 def dry_run(opts: ConvertOptions) -> dict[str, Any]:
     """Planned ranks and sizes, and a peak-memory estimate; reads only headers and writes nothing."""
-    ckpt = Checkpoint(opts.checkpoint)
-    arch = detect(ckpt.config, str(ckpt.path / "config.json"))
+    ckpt, arch = _open_source(opts)
     method = _make_method(opts, arch, ckpt)
     n, m, E = arch.hidden_size, arch.intermediate_size, arch.num_experts
     tokens = opts.num_samples * opts.seq_len if method.needs_calibration else 0
@@ -235,26 +290,56 @@ def dry_run(opts: ConvertOptions) -> dict[str, Any]:
                       for l in range(arch.num_layers)) * 4
     per_expert = (n * n + m * m) * 8 * 3  # Grams, Cholesky factors and SVD work in float64
     estimate = 2 * tokens * n * 4 + tokens * n * 4 + 2 * layer_bytes + per_expert + 1.5e9  # + torch/transformers
+    out_dtype = _out_dtype(opts, ckpt)
+    src_experts, src_total = _source_bytes(ckpt, arch)
+    planned = round((1 - opts.ratio) * arch.expert_params() * out_dtype.itemsize)  # FP8 scales not counted
     return {"method": opts.method, "ratio": opts.ratio, "moe_layers": len(arch.moe_layers), "experts": E,
-            "expert_params": arch.expert_params(), "calibration_tokens": tokens, "layers": method.dry_run(),
+            "expert_params": arch.expert_params(), "factor_dtype": _factor_dtype_name(out_dtype),
+            "bytes": bytes_summary(arch.expert_params(), src_experts, src_total, planned,
+                                   src_total - src_experts + planned),
+            "calibration_tokens": tokens, "layers": method.dry_run(),
             "peak_memory_estimate_gb": round(estimate / 1e9, 2)}
 
 
 def convert(opts: ConvertOptions) -> dict[str, Any]:
     """Run a conversion; returns the report (also written as moe_lowrank_report.json)."""
     t_start = time.time()
-    ckpt = Checkpoint(opts.checkpoint)
-    arch = detect(ckpt.config, str(ckpt.path / "config.json"))
+    _check_outputs(opts)
+    ckpt, arch = _open_source(opts)
+    for layer in arch.moe_layers:  # every layer's experts present, and no more than config.json says (headers only)
+        expert_tensor_names(ckpt, arch, layer)
     method = _make_method(opts, arch, ckpt)
     batches = _calibration_batches(opts, ckpt) if method.needs_calibration else []
     out_dtype = _out_dtype(opts, ckpt)
-    tmp, state = _prepare_output(opts, opts.fingerprint(ckpt))
-    runner = LayerRunner(ckpt, arch, opts.device) if batches else None
+    staging, state = open_staging(opts.output, CONVERT_TMP, opts.resume, opts.overwrite, opts.fingerprint(ckpt),
+                                  _State)
+    fresh = not state.data["layers"] and state.data.get("plan") is None
+    try:
+        if not state.data.get("publishing"):  # else: an interrupted publication, resumed below
+            _convert_all(opts, ckpt, arch, method, batches, out_dtype, staging.dir, state, t_start)
+            state.data["publishing"] = True
+            state.save()
+        report_file = staging.dir / REPORT_NAME
+        report = json.loads((report_file if report_file.is_file() else opts.output / REPORT_NAME).read_text())
+        staging.publish(REPORT_NAME)
+    except ConvertError:
+        if fresh and not state.data["layers"]:  # nothing worth resuming: leave no temporary folder behind
+            staging.discard()
+        raise
+    finally:
+        staging.release()
+    return report
+
+
+def _convert_all(opts: ConvertOptions, ckpt: Checkpoint, arch: MoEArch, method: Method, batches: list[torch.Tensor],
+                 out_dtype: torch.dtype, tmp: Path, state: _State, t_start: float) -> None:
+    """Every layer not done yet, then the rest of the checkpoint, the report and the dense export, into ``tmp``."""
+    runner = LayerRunner(ckpt, arch, opts.device, trust_remote_code=opts.trust_remote_code) if batches else None
     embedded = [runner.embed(b) for b in batches] if runner else []
 
     if method.needs_plan_pass:
         if state.data.get("plan") is None:
-            state.data["plan"] = _plan_pass(ckpt, arch, method, runner, embedded)
+            state.data["plan"] = _plan_pass(ckpt, arch, method, runner, embedded, opts.calib_options())
             state.save()
         method.load_plan(state.data["plan"])
 
@@ -265,7 +350,8 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
     todo = [l for l in range(arch.num_layers) if str(l) not in state.data["layers"]]
     for layer in tqdm(todo, desc=f"moe-convert {opts.method}", unit="layer", file=sys.stderr):
         t0 = time.time()
-        entry, hidden = _convert_layer(ckpt, arch, method, runner, layer, hidden, out_dtype, tmp, opts.method)
+        entry, hidden = _convert_layer(ckpt, arch, method, runner, layer, hidden, out_dtype, tmp, opts.method,
+                                       opts)
         entry["report"]["seconds"] = round(time.time() - t0, 3)
         state.data["layers"][str(layer)] = entry
         if runner and layer != arch.num_layers - 1:
@@ -275,32 +361,44 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
     report = _finish(opts, ckpt, arch, state, tmp, out_dtype)
     report["timings"] = {"total_s": round(time.time() - t_start, 3)}
     write_json(report, tmp / REPORT_NAME)
-    shutil.rmtree(state.dir)
-    if opts.output.exists():
-        shutil.rmtree(opts.output)
-    os.replace(tmp, opts.output)
-    if opts.export_dense is not None:
+    if opts.export_dense is not None:  # before publishing, under the lock, from the finished temporary folder
         from .export_dense import export_dense
 
-        export_dense(opts.output, opts.export_dense, overwrite=opts.overwrite)
-    return report
+        export_dense(tmp, opts.export_dense, overwrite=opts.overwrite)
 
 
-def _forward_layer(runner: LayerRunner | None, arch: MoEArch, layer: int, weights, hidden: list[torch.Tensor]):
-    """Run one decoder layer on the calibration hidden states; (new hidden states, its calibration or None)."""
+def _forward_layer(runner: LayerRunner | None, arch: MoEArch, layer: int, weights, hidden: list[torch.Tensor],
+                   calib_opts: CalibOptions | None = None, keep: bool = False):
+    """Run one decoder layer on the calibration hidden states; (new hidden states, its calibration or None, the
+    loaded (module, probe) when ``keep`` — the caller then re-runs or releases it — else None)."""
     if runner is None:
-        return hidden, None
+        return hidden, None, None
     module, probe = runner.load_layer(layer, weights)
     hidden = runner.forward_layer(module, hidden)
+    calib = probe.calibration(arch.num_experts) if probe else None
+    if calib is not None and calib_opts is not None:
+        calib.opts = calib_opts
+    if keep:
+        return hidden, calib, (module, probe)
     runner.release_layer(layer)
-    return hidden, probe.calibration(arch.num_experts) if probe else None
+    return hidden, calib, None
+
+
+def _written_expert_fn(arch: MoEArch, method: str, layer: int, comp: CompressedLayer,
+                       tensors: dict[str, torch.Tensor]):
+    """expert_fn of the compressed experts exactly as written (after the cast), materialized once per layer."""
+    cfg = _format_config(arch, method, 0.5, {layer: comp.spec})
+    stack = {p: torch.stack([materialize_projection(cfg, layer, p, e, tensors.__getitem__).float()
+                             for e in range(arch.num_experts)]) for p in PROJS}  # [E, out, in] float32
+    return dense_expert_fn(stack["gate"], stack["up"], stack["down"])
 
 
 def _plan_pass(ckpt: Checkpoint, arch: MoEArch, method: Method, runner: LayerRunner | None,
-               hidden: list[torch.Tensor]) -> dict[str, Any]:
+               hidden: list[torch.Tensor], calib_opts: CalibOptions | None = None) -> dict[str, Any]:
+    """Observe every layer on the original model's hidden states (nothing is compressed yet: no propagation)."""
     for layer in tqdm(range(arch.num_layers), desc=f"plan {method.name}", unit="layer", file=sys.stderr):
         weights = load_expert_weights(ckpt, arch, layer) if layer in arch.moe_layers else None
-        hidden, calib = _forward_layer(runner, arch, layer, weights, hidden)
+        hidden, calib, _ = _forward_layer(runner, arch, layer, weights, hidden, calib_opts)
         if runner is not None:
             method.observe_hidden(layer, hidden)
         if weights is not None:
@@ -309,10 +407,14 @@ def _plan_pass(ckpt: Checkpoint, arch: MoEArch, method: Method, runner: LayerRun
 
 
 def _convert_layer(ckpt: Checkpoint, arch: MoEArch, method: Method, runner: LayerRunner | None, layer: int,
-                   hidden: list[torch.Tensor], out_dtype: torch.dtype, tmp: Path, method_name: str):
+                   hidden: list[torch.Tensor], out_dtype: torch.dtype, tmp: Path, method_name: str,
+                   opts: ConvertOptions | None = None):
     is_moe = layer in arch.moe_layers
     weights = load_expert_weights(ckpt, arch, layer) if is_moe else None
-    hidden, calib = _forward_layer(runner, arch, layer, weights, hidden)
+    propagate = is_moe and runner is not None and (opts is None or opts.propagate == "compressed")
+    hidden_in = hidden
+    hidden, calib, loaded = _forward_layer(runner, arch, layer, weights, hidden,
+                                           opts.calib_options() if opts else None, keep=propagate)
     expert_names = set(expert_tensor_names(ckpt, arch, layer)) if is_moe else set()
     prefix = f"model.layers.{layer}."
     tensors = ckpt.get_many(n for n in ckpt.tensors if n.startswith(prefix) and n not in expert_names)
@@ -322,11 +424,16 @@ def _convert_layer(ckpt: Checkpoint, arch: MoEArch, method: Method, runner: Laye
         if comp is None:
             tensors.update(_dense_expert_tensors(arch, layer, weights))
         else:
-            expert_tensors = _cast_layer(arch, method_name, layer, comp, out_dtype)
+            expert_tensors = _cast_layer(arch, method_name, layer, comp, out_dtype, weights, calib)
             comp.tensors.clear()  # the cast copies are what gets written; free the method's originals
             tensors.update(expert_tensors)
+            if loaded is not None:  # next layer's inputs: this layer with its experts as written
+                del hidden
+                hidden = runner.rerun_layer(*loaded, _written_expert_fn(arch, method_name, layer, comp,
+                                                                        expert_tensors), hidden_in)
             spec = comp.spec.model_dump(mode="json")
-            params = sum(t.numel() for t in expert_tensors.values() if t.is_floating_point())
+            params = sum(t.numel() for n, t in expert_tensors.items()
+                         if t.is_floating_point() and not n.endswith(SCALE_SUFFIX))  # FP8 scales: bytes only
             report = {"status": "compressed", **comp.info,
                       "ranks": {p: comp.spec.proj(p).lowrank.ranks for p in PROJS if comp.spec.proj(p).lowrank},
                       "params": params,
@@ -334,6 +441,9 @@ def _convert_layer(ckpt: Checkpoint, arch: MoEArch, method: Method, runner: Laye
                       **_layer_errors(arch, method_name, layer, comp, expert_tensors, weights, calib)}
         if calib is not None:
             report["tokens_per_expert"] = calib.counts().tolist()
+    if loaded is not None:
+        runner.release_layer(layer)
+    del hidden_in
     shard = _layer_shard(layer)
     save_shard(tensors, tmp / shard)
     return {"spec": spec, "report": report, "weight_map": {n: shard for n in tensors}}, hidden
@@ -356,7 +466,10 @@ def _finish(opts: ConvertOptions, ckpt: Checkpoint, arch: MoEArch, state: _State
 
     layers = {int(l): e["spec"] for l, e in state.data["layers"].items() if e["spec"] is not None}
     config = dict(ckpt.config)
-    config["quantization_config"] = _format_config(arch, opts.method, opts.ratio, layers).model_dump(mode="json")
+    linear = ckpt.source_quant.linear_quantization() if ckpt.source_quant else None  # FP8 non-expert layers
+    config["quantization_config"] = _format_config(
+        arch, opts.method, opts.ratio, layers, linear_quantization=linear,
+        factor_dtype=_factor_dtype_name(out_dtype)).model_dump(mode="json")
     write_json(config, tmp / "config.json")
     _, counts = verify_checkpoint(tmp)
     config["quantization_config"]["achieved_ratio"] = round(counts.achieved_ratio, 6)
@@ -367,9 +480,11 @@ def _finish(opts: ConvertOptions, ckpt: Checkpoint, arch: MoEArch, state: _State
         "method": opts.method, "options": opts.options, "target_ratio": opts.ratio,
         "achieved_ratio": counts.achieved_ratio,
         "expert_params": {"original": counts.original, "kept": counts.kept, "index_bytes": counts.index_bytes},
-        "dtype": str(out_dtype).removeprefix("torch."),
+        "bytes": bytes_summary(counts.original, *_source_bytes(ckpt, arch), counts.expert_bytes, counts.total_bytes),
+        "dtype": str(out_dtype).removeprefix("torch."), "factor_dtype": _factor_dtype_name(out_dtype),
         "calibration": None if opts.calib_data is None else {
             "file": str(opts.calib_data), "num_samples": opts.num_samples, "seq_len": opts.seq_len,
-            "seed": opts.seed, "plan": state.data.get("plan") is not None},
+            "seed": opts.seed, "plan": state.data.get("plan") is not None, "propagate": opts.propagate,
+            "gram_weight": opts.gram_weight, "shrink": opts.shrink, "down_fit": opts.down_fit},
         "layers": {l: e["report"] for l, e in sorted(state.data["layers"].items(), key=lambda kv: int(kv[0]))},
     }

@@ -33,10 +33,11 @@ from .budget import layer_budget
 from .calibration import LayerCalibration
 from .errors import ConvertError, RatioError
 from .experts import ExpertWeights
-from .method import CompressedLayer, Method, MethodSettings
-from .whitening import regularize_gram, solve_spd, whitening
+from .method import CompressedLayer, Damp, Method, MethodSettings, Shrink
+from .whitening import solve_spd, whitening
 
 GU = ("gate", "up")
+XI_GRID = (0.0, 0.2, 0.5, 0.8, 1.0)  # ξ candidates of xi_select=calib
 
 
 class RFIDSettings(MethodSettings):
@@ -52,9 +53,12 @@ class RFIDSettings(MethodSettings):
     refit: bool = True  # per-expert least-squares refit of A_e (and η_e) with the expert's own Gram [ours]
     down: Literal["auto", "dense", "lowrank"] = "auto"  # auto: per layer, whichever the spectra predict better
     split: Literal["energy", "equal"] = "energy"  # budget across projection types: greedy on whitened error
-    damp: float = 1e-4  # relative Gram damping
-    shrink: float = 0.1  # shrinkage of rare experts' input Grams toward the layer mean
+    damp: Damp = 1e-4  # relative Gram damping
+    shrink: Shrink = 0.1  # shrinkage of rare experts' input Grams toward the layer mean
     seed: int = 0  # random buckets: per-layer generator seeded with seed + layer
+    # calib: per layer, the ξ of XI_GRID whose plan the calibration spectra predict best (never the eval text);
+    # fixed: the ``xi`` option
+    xi_select: Literal["calib", "fixed"] = "calib"
 
 
 # ----- allocation -------------------------------------------------------------------------------------------
@@ -369,15 +373,13 @@ class RFIDMoEMethod(Method):
         n, dev, s = self.arch.hidden_size, self.ctx.device, self.settings
         if not s.whiten:
             return [torch.eye(n, dtype=torch.float64, device=dev) for _ in members]
-        return [regularize_gram(calib.gram_in(e).to(dev), int(calib.token_index(e).numel()), mean, s.damp, s.shrink)
-                for e in members]
+        return [calib.expert_gram_in(e, s.damp, s.shrink).to(dev) for e in members]
 
     def _mid_grams(self, calib: LayerCalibration, weights: ExpertWeights, members: list[int]):
         m, dev, s = self.arch.intermediate_size, self.ctx.device, self.settings
         if not s.whiten:
             return [torch.eye(m, dtype=torch.float64, device=dev) for _ in members]
-        return [regularize_gram(calib.gram_mid(e, weights).to(dev), int(calib.token_index(e).numel()), None, s.damp)
-                for e in members]
+        return [calib.expert_gram_mid(e, weights, s.damp, s.shrink).to(dev) for e in members]
 
     def _weights(self, weights: ExpertWeights, p: str, members: list[int]) -> list[torch.Tensor]:
         return [weights.get(p, e, torch.float64).to(self.ctx.device) for e in members]
@@ -444,17 +446,23 @@ class RFIDMoEMethod(Method):
             for e in members:
                 group_of[e] = g
         gfreq = [float(freq[mm].sum()) for mm in groups]
-        mean = calib.mean_gram_in().to(self.ctx.device) if s.whiten else None
+        mean = None  # calibration.expert_gram_in shrinks toward its own (cached) layer mean
         types = GU if self._modes() == [False] else PROJS
         stats = self._statistics(weights, calib, groups, mean, types)
-        imp = {p: importance(stats.erank[p], gfreq, s.allocation, s.xi, s.norm) for p in types}
-        plan = self._plan(stats, imp)
+        xis = XI_GRID if s.allocation == "fused" and s.xi_select == "calib" else (s.xi,)
+        cands = []
+        for xi in xis:  # calibration-predicted whitened error of each ξ's plan; the smallest wins (ties: lower ξ)
+            imp = {p: importance(stats.erank[p], gfreq, s.allocation, xi, s.norm) for p in types}
+            plan = self._plan(stats, imp)
+            cands.append((sum(plan.predicted.values()), xi, imp, plan))
+        _, xi, imp, plan = min(cands, key=lambda c: (c[0], c[1]))
 
         tensors: dict = {}
         right: dict[str, list[torch.Tensor]] = {p: [] for p in GU}
         down_u, buckets = [], []
         gen = torch.Generator().manual_seed(s.seed + layer)
         err = {p: [0.0, 0.0] for p in plan.ranks}
+        gu_hat: dict[int, dict[str, torch.Tensor]] = {}  # compressed gate/up of each expert (down is fitted on ĥ)
         for g, members in enumerate(groups):
             grams = self._in_grams(calib, members, mean)
             Ws = {p: self._weights(weights, p, members) for p in GU}
@@ -473,9 +481,17 @@ class RFIDMoEMethod(Method):
                         tensors[p, "res_eta", e] = fit.eta[i].cpu()  # [m, s]
                         approx = approx + fit.eta[i] @ P.T
                     _accumulate(err[p], Ws[p][i], approx, grams[i])
+                    gu_hat.setdefault(e, {})[p] = approx.to(self.ctx.dtype).double().cpu()
+            if s.whiten:  # down's targets and Grams on ĥ of the gate/up as written (calibration.down_target)
+                tg = [calib.down_target(e, weights, gu_hat[e]["gate"], gu_hat[e]["up"], s.damp, s.shrink)
+                      for e in members]
+                Wd, mids = [W.to(self.ctx.device) for W, _ in tg], [G.to(self.ctx.device) for _, G in tg]
+            else:
+                Wd, mids = self._weights(weights, "down", members), self._mid_grams(calib, weights, members)
+            if not plan.down_lowrank:
+                for i, e in enumerate(members):  # dense down refitted on ĥ (same size; W_d itself without data)
+                    tensors["down", "weight", e] = Wd[i].float().cpu()  # [n, m]
             if plan.down_lowrank:
-                Wd = self._weights(weights, "down", members)
-                mids = self._mid_grams(calib, weights, members)
                 U, Vs = shared_left_factor(Wd, mids, plan.ranks["down"][g])
                 down_u.append(U)
                 for i, e in enumerate(members):
@@ -490,14 +506,12 @@ class RFIDMoEMethod(Method):
             down = ProjSpec(lowrank=LowRankTerm(ranks=[plan.ranks["down"][group_of[e]] for e in range(E)],
                                                 left_slots=group_of))
         else:
-            for e in range(E):
-                tensors["down", "weight", e] = weights.down[e]  # [n, m]
             down = ProjSpec(dense=DenseTerm())
         gu = {p: ProjSpec(lowrank=LowRankTerm(ranks=[plan.ranks[p][group_of[e]] for e in range(E)],
                                               right_groups=group_of),
                           residual=ResidualTerm(groups=group_of, width=plan.width) if plan.width else None)
               for p in GU}
-        info = {"groups": groups, "group_frequency": [round(f, 5) for f in gfreq],
+        info = {"groups": groups, "group_frequency": [round(f, 5) for f in gfreq], "xi": xi,
                 "down": "lowrank" if plan.down_lowrank else "dense", "residual_width": plan.width,
                 "budgets": plan.budgets, "group_ranks": plan.ranks,
                 "effective_rank": {p: [round(x, 2) for x in v] for p, v in stats.erank.items()},

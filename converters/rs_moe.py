@@ -31,7 +31,7 @@ from .budget import layer_budget
 from .calibration import LayerCalibration
 from .errors import RatioError
 from .experts import ExpertWeights
-from .method import CompressedLayer, Method, MethodSettings
+from .method import CompressedLayer, Damp, Method, MethodSettings, Shrink
 from .rs_moe_mi import mine_mi, pca_features, pool_windows, qp_save_ratios, redundancy
 from .whitening import regularize_gram, whitened_svd, whitening
 
@@ -41,10 +41,10 @@ _BLOCK = 1 << 24  # floats in one chunk of the downstream-alignment product
 class RSMoESettings(MethodSettings):
     # ACI (Alg. 1, App. A.2) and the ablation scores of Fig. 3
     score: Literal["aci", "magnitude", "activation", "peak"] = "aci"
-    w_mean: float = 0.4
-    w_var: float = 0.05
-    w_peak: float = 0.8
-    gamma: float = 0.05
+    w_mean: float = Field(0.4, ge=0.0)
+    w_var: float = Field(0.05, ge=0.0)
+    w_peak: float = Field(0.8, ge=0.0)
+    gamma: float = Field(0.05, ge=0.0)
     aci_norm: Literal["max", "mean"] = "mean"  # "normalised" statistics: divide by the layer mean (or max)
     # partition (§3.4, Table 5)
     high_frac: float = Field(0.8, ge=0.0, le=1.0)  # share of the layer budget spent on exact units
@@ -55,8 +55,8 @@ class RSMoESettings(MethodSettings):
     ridge: float = Field(1e-3, gt=0.0)  # λ of the ridge base, relative to the mean Gram eigenvalue
     prior: float = Field(1e-2, gt=0.0)  # pull of the refit down delta toward W_down − B, relative
     # whitening (SVD-LLM, as the svd baseline)
-    damp: float = 1e-4
-    shrink: float = 0.1
+    damp: Damp = 1e-4
+    shrink: Shrink = 0.1
     # layer budgets (§3.5, App. A.3)
     budget: Literal["mi", "uniform"] = "mi"
     mine_window: int = Field(32, ge=0)  # tokens per pooled feature; 0 = one per sequence (the paper)
@@ -358,14 +358,12 @@ class RSMoEMethod(Method):
     def _gate_up(self, weights: ExpertWeights, calib: LayerCalibration, plan: UnitPlan) -> list[dict]:
         """Whitened SVD of the low-rank rows of gate and up, per expert (§3.4: SVD(W_lr V E^½), W_com, W_rec)."""
         s, dev = self.settings, self.ctx.device
-        mean_gram = calib.mean_gram_in().to(dev)
         out = []
         for e, idx in enumerate(plan.lowrank):
             fac = {}
             white = None
-            if idx.numel():
-                n_e = int(calib.token_index(e).numel())
-                white = whitening(regularize_gram(calib.gram_in(e).to(dev), n_e, mean_gram, s.damp, s.shrink))
+            if idx.numel():  # calibration.py's Gram API: routing-weighted and shrunk as the calibration switches say
+                white = whitening(calib.expert_gram_in(e, s.damp, s.shrink).to(dev))
             for p in ("gate", "up"):
                 W = weights.get(p, e, torch.float64)[idx].to(dev)  # [|L_e|, n]
                 if idx.numel():

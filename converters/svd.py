@@ -15,14 +15,14 @@ from .budget import layer_budget, top_up_ranks
 from .calibration import LayerCalibration
 from .errors import RatioError
 from .experts import ExpertWeights
-from .method import CompressedLayer, Method, MethodSettings
-from .whitening import regularize_gram, whitened_svd, whitening
+from .method import CompressedLayer, Damp, Method, MethodSettings, Shrink
+from .whitening import whitened_svd, whitening
 
 
 class SVDSettings(MethodSettings):
     whiten: bool = True  # False: plain weight SVD, data-free
-    damp: float = 1e-4  # relative Gram damping
-    shrink: float = 0.1  # shrinkage of rare experts' Grams toward the layer mean
+    damp: Damp = 1e-4  # relative Gram damping
+    shrink: Shrink = 0.1  # Gram shrinkage toward the layer mean: κ = shrink·d pseudo-tokens (calibration.py)
 
 
 class SVDMethod(Method):
@@ -57,17 +57,14 @@ class SVDMethod(Method):
         E, s, dev = self.arch.num_experts, self.settings, self.ctx.device
         total = self._total_rank()
         base = total // (3 * E)
-        mean_gram = calib.mean_gram_in().to(dev) if calib is not None else None
         # keep each factorization only up to rank base + 1 (in the output dtype) and the gain of its next rank
         factors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         gains: dict[tuple[str, int], float] = {}
         for e in range(E):
             white_in = white_mid = None
             if calib is not None:
-                n_e = int(calib.token_index(e).numel())
-                white_in = whitening(regularize_gram(calib.gram_in(e).to(dev), n_e, mean_gram, s.damp, s.shrink))
-                # down's inputs are this expert's intermediate activations; no layer mean exists for them
-                white_mid = whitening(regularize_gram(calib.gram_mid(e, weights).to(dev), n_e, None, s.damp))
+                white_in = whitening(calib.expert_gram_in(e, s.damp, s.shrink).to(dev))
+                white_mid = whitening(calib.expert_gram_mid(e, weights, s.damp, s.shrink).to(dev))
             for p in PROJS:
                 svd = whitened_svd(weights.get(p, e, torch.float64).to(dev), white_mid if p == "down" else white_in)
                 gains[p, e] = float(svd.sigma[base] ** 2) if base < svd.sigma.numel() else 0.0
@@ -79,6 +76,13 @@ class SVDMethod(Method):
         for (p, e), (L, R) in factors.items():
             r = ranks[p, e]
             tensors[p, "lr_u", e], tensors[p, "lr_v", e] = L[:, :r].contiguous(), R[:r].contiguous()
+        if calib is not None and calib.opts.down_fit == "compressed":
+            for e in range(E):  # down refitted at its rank on ĥ of the gate/up as written (calibration.down_target)
+                gu = [(tensors[p, "lr_u", e].double() @ tensors[p, "lr_v", e].double()) for p in ("gate", "up")]
+                W, G = calib.down_target(e, weights, *gu, s.damp, s.shrink)
+                L, R = whitened_svd(W.to(dev), whitening(G.to(dev))).factors(ranks["down", e])
+                tensors["down", "lr_u", e], tensors["down", "lr_v", e] = (
+                    L.to("cpu", self.ctx.dtype).contiguous(), R.to("cpu", self.ctx.dtype).contiguous())
         spec = LayerSpec(method=self.name, **{
             p: ProjSpec(lowrank=LowRankTerm(ranks=[ranks[p, e] for e in range(E)])) for p in PROJS})
         return CompressedLayer(spec=spec, tensors=tensors, info={"rank": base, "total_rank": total})

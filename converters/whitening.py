@@ -21,18 +21,23 @@ class Whitening:
 
 
 def regularize_gram(gram: torch.Tensor, n_tokens: int, mean_gram: torch.Tensor | None = None,
-                    damp: float = 1e-4, shrink: float = 0.1) -> torch.Tensor:
-    """Make a Gram positive definite: shrink rarely routed experts toward the layer mean, then damp relatively.
+                    damp: float = 1e-4, shrink: float = 0.1, smooth: bool = False, unit: float = 1.0) -> torch.Tensor:
+    """Make a Gram positive definite: shrink it toward the layer mean, then damp relatively.
 
-    An expert with fewer tokens than dimensions has a singular Gram; adding shrink·max(N_e, 1)·Ḡ (Ḡ the layer's
-    per-token mean Gram) lends it the layer's input geometry. The damping δ·tr(G)/d·I is relative, so it means the
-    same for 10 or 10⁵ tokens.
+    smooth: add κ = shrink·d pseudo-tokens of the layer's per-token mean Gram Ḡ to every expert, G + κ·u·Ḡ (u the
+    Gram weight of one token, mean g² for routing-weighted Grams), so the mean's share κ/(N_e + κ) falls smoothly
+    with the token count N_e (James–Stein style; no cliff at N_e = d). cliff (``smooth=False``, the old rule): only
+    experts with fewer tokens than dimensions get shrink·max(N_e, 1)·u·Ḡ. The damping δ·tr(G)/d·I is relative, so it
+    means the same for 10 or 10⁵ tokens.
     """
     g = gram.double()
     g = (g + g.T) / 2
     d = g.shape[0]
-    if mean_gram is not None and n_tokens < d:
-        g = g + shrink * max(n_tokens, 1) * mean_gram.double()
+    if mean_gram is not None:
+        if smooth:
+            g = g + (shrink * d * unit) * mean_gram.to(g.device, torch.float64)
+        elif n_tokens < d:
+            g = g + (shrink * max(int(n_tokens), 1) * unit) * mean_gram.to(g.device, torch.float64)
     scale = torch.trace(g) / d
     if scale <= 0:
         scale = torch.tensor(1.0, dtype=torch.float64)

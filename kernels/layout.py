@@ -13,6 +13,11 @@ is exact). Rank k keeps units [k·s//t, (k+1)·s//t) of each unit segment of siz
 RS-MoE split; the exact and low-rank segments separately with one), in the local compact order
 [local exact | local low-rank]. gate/up tensors are narrowed along their output (unit) rows, down tensors along
 their input (unit) columns; everything indexed by the hidden axis is replicated.
+
+FP8 factors (``factor_dtype = "fp8_e4m3"``): data blocks are float8_e4m3fn, their float32 ``*_scale`` tensors are
+blocks of their own buffers (``w13_lr_u_scale`` ...), narrowed with their data where the scale axis is the
+narrowed one, else replicated. ``LayerLayout.weight`` is the one accessor compute code uses: the stored view, or
+for FP8 data the dequantized tensor (q · scale in float32, then the compute dtype).
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_moe_lowrank.format import PROJS, SHARED, Act, MoELowRankConfig, TensorSpec
+from vllm_moe_lowrank.format import PROJS, SHARED, Act, MoELowRankConfig, TensorSpec, dequantize, scale_axis
 
 SIDE = {"gate": "w13", "up": "w13", "down": "w2"}
 SHARD_PROJ = {"w1": "gate", "w3": "up", "w2": "down"}  # vLLM shard ids
-_DTYPES = {"float32": torch.float32, "int32": torch.int32}
+_DTYPES = {"float32": torch.float32, "int32": torch.int32, "fp8": torch.float8_e4m3fn}
 
 Ranges = tuple[tuple[int, int], ...]  # half-open index ranges along one axis
 
@@ -118,10 +123,16 @@ class LayerLayout:
         self.units = {e: self._local_units(e) for e in range(cfg.num_experts)}
         self.blocks, self.buffers = {}, {}
         local = set(self.local_experts)
-        for name, ts in cfg.tensor_specs(layer).items():
+        specs = cfg.tensor_specs(layer)
+        for name, ts in specs.items():
             if ts.expert is not None and ts.expert not in local:
                 continue
-            axis, seg = self._unit_axis(ts)
+            if ts.scale_of is None:
+                axis, seg = self._unit_axis(ts)
+            else:  # a scale follows its data's narrowing when it indexes the narrowed axis
+                data = specs[ts.scale_of]
+                axis, seg = self._unit_axis(data)
+                axis = 0 if axis is not None and axis == scale_axis(data.suffix) else None
             if axis is None:
                 ranges: Ranges = ((0, ts.shape[0]),)
                 shape = ts.shape
@@ -167,9 +178,13 @@ class LayerLayout:
             raise ValueError(f"moe_lowrank: checkpoint tensor {name!r} has shape {list(tensor.shape)}, the "
                              f"quantization_config says {list(b.spec.shape)}; the checkpoint is corrupt or its "
                              "config.json belongs to another conversion")
-        if (b.spec.dtype == "int32") != (not tensor.is_floating_point()):
+        if ((b.spec.dtype == "int32") != (not tensor.is_floating_point()) or
+                (b.spec.dtype == "fp8") != (tensor.dtype == torch.float8_e4m3fn) or
+                (b.spec.dtype == "float32" and tensor.dtype != torch.float32)):
+            want = {"fp8": "float8_e4m3fn", "float": "a float dtype other than float8"}.get(b.spec.dtype,
+                                                                                           b.spec.dtype)
             raise ValueError(f"moe_lowrank: checkpoint tensor {name!r} has dtype {tensor.dtype}, the format "
-                             f"wants {b.spec.dtype}")
+                             f"wants {want}")
         if b.axis is None:
             return tensor
         parts = [tensor.narrow(b.axis, a, z - a) for a, z in b.ranges]
@@ -178,6 +193,39 @@ class LayerLayout:
     def view(self, buffers: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         b = self.blocks[name]
         return buffers[b.buffer][b.offset:b.offset + b.numel].view(b.shape)
+
+    def weight(self, buffers: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Tensor ``name`` as compute uses it: the stored view (after ``finalize``), or for FP8 data q · scale
+        (float32 math) in ``dtype`` — with a stored right factor's act applied, as finalize does in place for
+        float factors."""
+        b = self.blocks[name]
+        v = self.view(buffers, name)
+        if b.spec.scale is None:
+            return v
+        w = dequantize(v, self.view(buffers, b.spec.scale), torch.float32, scale_axis(b.spec.suffix))
+        lr = self.spec.proj(b.spec.proj).lowrank
+        if b.spec.suffix == "lr_v" and lr.num_bases is None and Act(lr.act) is not Act.identity:
+            w = _act(lr.act, w)
+        return w.to(dtype)
+
+    @property
+    def quantized(self) -> bool:
+        return self.cfg.quantized
+
+    def dequantized_buffers(self, buffers: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """``buffers`` with every FP8 buffer replaced by a ``dtype`` copy of its blocks as ``weight`` returns them
+        (act applied to stored right factors, as finalize does for float ones); other buffers shared. For compute
+        paths that do not read FP8 themselves (the Triton kernels): costs the float factors' memory."""
+        out = dict(buffers)
+        for buf, (numel, d) in self.buffers.items():
+            if d != "fp8":
+                continue
+            flat = torch.empty(numel, dtype=dtype, device=buffers[buf].device)
+            for name, b in self.blocks.items():
+                if b.buffer == buf:
+                    flat[b.offset:b.offset + b.numel].view(b.shape).copy_(self.weight(buffers, name, dtype))
+            out[buf] = flat
+        return out
 
     def store(self, buffers: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> None:
         """Narrow checkpoint tensor ``name`` for this rank and copy it into its block."""
@@ -211,7 +259,10 @@ class LayerLayout:
             if (lr := ps.lowrank) is not None and lr.num_bases is None and Act(lr.act) is not Act.identity:
                 shared = lr.right_groups is not None
                 for e in ([None] if shared else self.local_experts):
-                    v = self.view(buffers, self.name(p, "lr_v", e))
+                    name = self.name(p, "lr_v", e)
+                    v = self.view(buffers, name)
+                    if self.blocks[name].spec.scale is not None:
+                        continue  # FP8: ``weight`` applies act after dequantizing (no second rounding)
                     v.copy_(_act(lr.act, v.to(torch.promote_types(v.dtype, torch.float32))).to(v.dtype))
             if (res := ps.residual) is not None:
                 derived[f"res_scale_{p}"] = self._bucket_scales(p, res.width).to(dev)

@@ -1,10 +1,12 @@
 """The ``moe_lowrank::experts`` torch custom op: opaque to torch.compile (Dynamo), eager inside.
 
 Layouts are static Python objects, so the op gets the layer's tensors as a list and looks the layout up by key.
-Implementations: the torch path (``torch_ref``) for CPU and as the default; the Triton path
-(``triton_forward``, CUDA-graph safe) registered for CUDA. Triton is imported on the first CUDA call only, so this
-module imports without Triton (and ``TRITON_INTERPRET`` can still be set before the kernels are defined).
-``MOE_LOWRANK_KERNEL=torch`` sends CUDA calls to the torch path (debugging; not capturable in CUDA graphs).
+Implementations: the torch path (``torch_ref``, the oracle) as the default; the CPU path (``cpu_native``: grouped
+C++/OpenMP GEMMs where the layer's terms allow, else ``cpu_forward``'s lean torch loop) registered for CPU; the
+Triton path (``triton_forward``, CUDA-graph safe) registered for CUDA. Triton is imported on the first CUDA call
+only, so this module imports without Triton (and ``TRITON_INTERPRET`` can still be set before the kernels are
+defined). ``MOE_LOWRANK_KERNEL=torch`` sends CPU and CUDA calls to the torch path (debugging; on CUDA not
+capturable in CUDA graphs); FP8 factors and float64 always take it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ def experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tens
 @experts_op.register_fake
 def _(x, topk_weights, topk_ids, tensors, layer_key):
     return torch.empty_like(x)
+
+
+@experts_op.register_kernel("cpu")
+def _(x, topk_weights, topk_ids, tensors, layer_key):
+    layout = _LAYOUTS[layer_key]
+    bufs = dict(zip(layout.tensor_names, tensors))
+    if os.environ.get("MOE_LOWRANK_KERNEL", "cpu") == "torch" or x.dtype == torch.float64 or layout.quantized:
+        return experts_forward(layout, bufs, x, topk_weights, topk_ids)
+    from .cpu_native import experts_forward_cpu
+
+    return experts_forward_cpu(layout, bufs, x, topk_weights, topk_ids)
 
 
 @experts_op.register_kernel("cuda")

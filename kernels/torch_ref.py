@@ -11,6 +11,8 @@ No dense expert weight is ever built or cached. Work shared across experts is do
 * the RS-MoE down base once per token: z = Σ_k w_k·scatter(h_L), y += z·Bᵀ.
 
 Pairs (token, expert) are sorted by expert function and each active function runs as a few GEMMs on its tokens.
+FP8 factors are dequantized where they are used (``layout.weight``: q · scale in float32, then x's dtype), one
+expert's factor at a time; shared ones once per call.
 Eager only (data-dependent loop): it runs inside the ``moe_lowrank::experts`` custom op.
 """
 
@@ -69,7 +71,14 @@ class _Forward:
 
     # ----- tensors ------------------------------------------------------------------------------------------
     def t(self, p: str, suffix: str, e: int | None = None) -> torch.Tensor:
-        return self.L.view(self.bufs, self.L.name(p, suffix, e))
+        """A stored tensor for compute (FP8 factors dequantized by ``layout.weight``; shared ones once per call)."""
+        name = self.L.name(p, suffix, e)
+        if e is None and self.L.blocks[name].spec.scale is not None:
+            key = ("tensor", name)
+            if key not in self.cache:
+                self.cache[key] = self.L.weight(self.bufs, name, self.x.dtype)
+            return self.cache[key]
+        return self.L.weight(self.bufs, name, self.x.dtype)
 
     def left(self, p: str, e: int) -> torch.Tensor:
         """L_e [out, r] (a view)."""

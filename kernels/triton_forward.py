@@ -66,6 +66,23 @@ def make_config(T: int, K: int, plan: Plan, dtype: torch.dtype, path: str, devic
                 token_bn=64, combine_bm=16 if T <= 64 else 32, f32=dtype == torch.float32 or interpreting())
 
 
+def float_buffers(layout: LayerLayout, bufs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """FP8 factors for the kernels: dequantized once per (layer, device, dtype) on the first (eager) call and kept
+    (``layout.dequantized_buffers``; the kernels do not load FP8 themselves yet, so an FP8 layer costs float factor
+    memory on CUDA). Float layers: ``bufs`` unchanged."""
+    if not layout.quantized:
+        return bufs
+    cache = layout.__dict__.setdefault("_float_buffers", {})
+    key = (str(dtype), tuple(bufs[n].data_ptr() for n in layout.buffers))
+    if key not in cache:
+        dev = next(iter(bufs.values())).device
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"moe_lowrank: layer {layout.layer}'s FP8 factors were not dequantized before "
+                               "CUDA-graph capture; run one eager forward first (vLLM's warm-up does)")
+        cache[key] = layout.dequantized_buffers(bufs, dtype)
+    return cache[key]
+
+
 def get_plan(layout: LayerLayout, bufs: dict[str, torch.Tensor], topk: int, device: torch.device) -> Plan:
     plans = layout.__dict__.setdefault("_triton_plans", {})
     key = (str(device), topk, tuple(bufs[n].data_ptr() for n in layout.buffers))
@@ -91,6 +108,7 @@ def experts_forward_triton(layout: LayerLayout, bufs: dict[str, torch.Tensor], x
     out = torch.empty_like(x)  # [T, n] row-major, like x now
     if T == 0:
         return out
+    bufs = float_buffers(layout, bufs, x.dtype)
     plan = get_plan(layout, bufs, K, x.device)
     for t0 in range(0, T, CHUNK_TOKENS):
         t1 = min(T, t0 + CHUNK_TOKENS)

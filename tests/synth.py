@@ -24,7 +24,7 @@ from vllm_moe_lowrank.converters.checkpoint import Checkpoint, copy_aux_files
 from vllm_moe_lowrank.converters.experts import expert_tensor_names, load_expert_weights
 from vllm_moe_lowrank.converters.export_dense import export_dense
 from vllm_moe_lowrank.converters.verify import verify_checkpoint
-from vllm_moe_lowrank.format import (FORMAT_VERSION, PROJS, LayerSpec, MoELowRankConfig, apply_act,
+from vllm_moe_lowrank.format import (PROJS, LayerSpec, MoELowRankConfig, apply_act,
                                      bucket_projection)
 
 Tensors = dict[tuple[str, str, int | None], torch.Tensor]  # (proj, suffix, expert or None) -> tensor
@@ -198,15 +198,18 @@ def unit_orders(spec: LayerSpec, E: int, m: int, gen) -> list[list[int]]:
 
 
 def build(src: str | Path, out: str | Path, layers: dict[int, str], rank: int = 256, seed: int = 0,
-          dense_out: str | Path | None = None) -> Path:
-    """Write a compressed checkpoint of ``src`` with ``layers`` = {layer: case name}; optional dense export."""
+          dense_out: str | Path | None = None, format_version: int = 1) -> Path:
+    """Write a compressed checkpoint of ``src`` with ``layers`` = {layer: case name}; optional dense export.
+
+    Written as ``format_version`` 1 by default, exactly as checkpoints were before FP8 factors (no version-2 keys
+    in config.json), so the vLLM tests' synthetic cases show that version-1 checkpoints keep serving."""
     src, out = Path(src), Path(out)
     ckpt = Checkpoint(src)
     arch = detect(ckpt.config)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     E, m = arch.num_experts, arch.intermediate_size
     specs = {l: CASES[c](E, m, rng, rank).model_copy(update={"method": f"synth-{c}"}) for l, c in layers.items()}
-    cfg = MoELowRankConfig(format_version=FORMAT_VERSION, method="synthetic", num_experts=E,
+    cfg = MoELowRankConfig(format_version=format_version, method="synthetic", num_experts=E,
                            hidden_size=arch.hidden_size, intermediate_size=m, moe_prefix=arch.moe_prefix,
                            expert_names=arch.expert_names, moe_layers=list(arch.moe_layers), layers=specs)
     expert_names = {n for l in arch.moe_layers for n in expert_tensor_names(ckpt, arch, l)}
@@ -226,7 +229,8 @@ def build(src: str | Path, out: str | Path, layers: dict[int, str], rank: int = 
         shutil.rmtree(out)
     out.mkdir(parents=True)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    config = dict(ckpt.config, quantization_config=cfg.model_dump(mode="json"))
+    v2_keys = {"factor_dtype", "linear_quantization"} if format_version == 1 else set()
+    config = dict(ckpt.config, quantization_config=cfg.model_dump(mode="json", exclude=v2_keys))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     copy_aux_files(src, out)
     verify_checkpoint(out)

@@ -191,3 +191,130 @@ def test_format_config_round_trips_through_config_json(converted):
     assert parsed.layers[2].gate.lowrank is not None
     ranks = [r for l in parsed.layers.values() for p in PROJS for r in l.proj(p).lowrank.ranks]
     assert max(ranks) - min(ranks) <= 1  # one uniform rank, topped up by one where the budget allows
+
+
+# ----- calibration that sees the compressed model (issue 15) -------------------------------------------------------
+def _routing_calib(T: int = 2000, n: int = 12, E: int = 4, k: int = 2, seed: int = 0):
+    from vllm_moe_lowrank.converters.calibration import LayerCalibration
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, n, generator=g) @ (torch.eye(n) + 0.3 * torch.randn(n, n, generator=g))
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g) + 0.05
+    return LayerCalibration(x=x, topk_ids=ids, topk_weights=w / w.sum(1, keepdim=True), num_experts=E)
+
+
+def test_grams_are_routing_weighted_chunked_and_switchable(monkeypatch):
+    from dataclasses import replace
+
+    from vllm_moe_lowrank.converters import calibration
+
+    calib = _routing_calib()
+    tok, g = calib.token_index(1), calib.route_weight(1)
+    x = calib.x[tok].double()
+    torch.testing.assert_close(calib.gram_in(1), (x * g[:, None].double() ** 2).T @ x)
+    monkeypatch.setattr(calibration, "GRAM_CHUNK", 7)  # many chunks, same sums
+    torch.testing.assert_close(calib.gram_in(1), (x * g[:, None].double() ** 2).T @ x)
+    w2 = calib.topk_weights.double().square().sum(1)
+    torch.testing.assert_close(calib.mean_gram_in(), (calib.x.double() * w2[:, None]).T @ calib.x.double() / w2.sum())
+    calib.opts = replace(calib.opts, weighted=False)  # --gram-weight none: the plain Σ x xᵀ
+    torch.testing.assert_close(calib.gram_in(1), x.T @ x)
+    torch.testing.assert_close(calib.mean_gram_in(), calib.x.double().T @ calib.x.double() / calib.num_tokens)
+
+
+def test_smooth_shrinkage_has_no_cliff_and_cliff_keeps_the_old_rule():
+    from vllm_moe_lowrank.converters.whitening import regularize_gram
+
+    d = 8
+    mean = torch.eye(d, dtype=torch.float64)
+    zero = torch.zeros(d, d, dtype=torch.float64)
+    prior = lambda n, smooth: float(regularize_gram(zero, n, mean, 0.0, 0.1, smooth=smooth).trace()) / d  # noqa
+    assert prior(d - 1, True) == prior(d + 1, True) == pytest.approx(0.1 * d)  # every expert, continuous in N_e
+    assert prior(d - 1, False) == pytest.approx(0.1 * (d - 1)) and prior(d + 1, False) == 0.0  # the old cliff
+
+
+def test_down_target_is_the_least_squares_fit_on_compressed_intermediates():
+    """‖W_d H − Ŵ Ĥ‖²_g = ‖(Ŵ − W*) Ĝ^½‖² + const for every Ŵ, so W* minimizes the routed output error of down
+    fed with the compressed gate/up's ĥ (unregularized: damp = shrink = 0)."""
+    from vllm_moe_lowrank.converters.experts import ExpertWeights
+
+    calib = _routing_calib(n=6, E=3)
+    g = torch.Generator().manual_seed(3)
+    w = ExpertWeights(gate=torch.randn(3, 5, 6, generator=g), up=torch.randn(3, 5, 6, generator=g),
+                      down=torch.randn(3, 6, 5, generator=g))
+    gate_hat, up_hat = (w.proj(p)[1].double() + 0.3 * torch.randn(5, 6, generator=g, dtype=torch.float64)
+                        for p in ("gate", "up"))
+    W_star, G_hat = calib.down_target(1, w, gate_hat, up_hat, damp=0.0, shrink=0.0)
+    r = calib.route_weight(1).double()[:, None]
+    y = (calib.intermediate(1, w).double() @ w.down[1].double().T) * r  # dense output, routing-weighted
+    h_hat = calib.intermediate(1, w, gate_hat, up_hat).double() * r
+
+    def err(W):
+        return float((y - h_hat @ W.T).square().sum())
+
+    assert err(W_star) < 0.9 * err(w.down[1].double())
+    for seed in (0, 1):
+        W = W_star + torch.randn(W_star.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        quad = float(((W - W_star) @ G_hat * (W - W_star)).sum())
+        assert err(W) == pytest.approx(err(W_star) + quad, rel=1e-6)
+
+
+def test_down_fit_on_compressed_intermediates_lowers_in_sample_error():
+    """svd at the same ranks: down refitted on ĥ (default) beats down fitted on h, on the calibration tokens."""
+    from dataclasses import replace
+
+    from method_fakes import fake_calib, fake_weights, make_method
+
+    from vllm_moe_lowrank.converters.calibration import dense_expert_fn, moe_output
+    from vllm_moe_lowrank.converters.pipeline import _cast_layer, _written_expert_fn
+
+    calib, w = fake_calib(16, 192, T=1500, k=4), fake_weights(16, 192, 192)
+    exact = moe_output(calib.x, calib.topk_ids, calib.topk_weights, dense_expert_fn(w.gate, w.up, w.down))
+    errs = {}
+    for mode in ("dense", "compressed"):
+        calib.opts = replace(calib.opts, down_fit=mode)
+        m = make_method("svd", 0.6, [])
+        comp = m.compress_layer(0, w, calib)
+        tensors = _cast_layer(m.arch, "svd", 0, comp, torch.float32)
+        y = moe_output(calib.x, calib.topk_ids, calib.topk_weights, _written_expert_fn(m.arch, "svd", 0, comp, tensors))
+        errs[mode] = float((y - exact).norm() / exact.norm())
+    assert errs["compressed"] < 0.97 * errs["dense"]
+
+
+def test_propagation_calibrates_each_layer_on_the_compressed_model(tmp_path):
+    """Layer 0 sees the same inputs either way; layer 1's routing (tokens_per_expert in the report) is that of the
+    hidden states produced by layer 0's experts as written, recomputed here independently."""
+    from vllm_moe_lowrank.converters.arch import detect
+    from vllm_moe_lowrank.converters.experts import load_expert_weights
+    from vllm_moe_lowrank.converters.pipeline import ConvertOptions, _calibration_batches
+    from vllm_moe_lowrank.converters.runner import LayerRunner
+
+    dense, comp = tmp_path / "dense", tmp_path / "comp"
+    small = ("--num-samples", "4", "--seq-len", "64", "--dtype", "float32")  # after CALIB: these win
+    rep_d = convert(FIXTURE, dense, *small, "--propagate", "dense", ratio=0.6)
+    rep_c = convert(FIXTURE, comp, *small, ratio=0.6)
+    assert rep_c["calibration"]["propagate"] == "compressed" and rep_d["calibration"]["propagate"] == "dense"
+    l0 = "model-layer-00000.safetensors"
+    assert _files(dense)[l0] == _files(comp)[l0]
+    assert rep_d["layers"]["1"]["tokens_per_expert"] != rep_c["layers"]["1"]["tokens_per_expert"]
+
+    ckpt = Checkpoint(FIXTURE)
+    arch = detect(ckpt.config, "config.json")
+    opts = ConvertOptions(method="svd", ratio=0.6, checkpoint=FIXTURE, output=comp, calib_data=FIXTURE / "calib.txt",
+                          num_samples=4, seq_len=64)
+    runner = LayerRunner(ckpt, arch)
+    hidden = [runner.embed(b) for b in _calibration_batches(opts, ckpt)]
+    written = Checkpoint(comp)
+    cfg = MoELowRankConfig.from_hf_config(written.config)
+
+    def expert(e, x):
+        g, u, d = (materialize_projection(cfg, 0, p, e, written.get).float() for p in PROJS)
+        return (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ d.T
+
+    module, probe = runner.load_layer(0, load_expert_weights(ckpt, arch, 0))
+    hidden = runner.rerun_layer(module, probe, expert, hidden)
+    assert not probe.x  # a re-run records no calibration rows
+    runner.release_layer(0)
+    module, probe = runner.load_layer(1, load_expert_weights(ckpt, arch, 1))
+    runner.forward_layer(module, hidden)
+    assert probe.calibration(arch.num_experts).counts().tolist() == rep_c["layers"]["1"]["tokens_per_expert"]

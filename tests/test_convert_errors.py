@@ -37,12 +37,13 @@ def test_not_an_moe_model(tmp_path, capsys):
 
 
 def test_unsupported_moe_architecture(tmp_path, capsys):
-    src = copy_fixture(tmp_path / "dbrx")
+    """An MoE family transformers implements but no adapter covers (refused families: tests/test_families.py)."""
+    src = copy_fixture(tmp_path / "hunyuan")
     cfg = json.loads((src / "config.json").read_text())
-    cfg["model_type"] = "dbrx"
+    cfg["model_type"] = "hunyuan_v1_moe"
     (src / "config.json").write_text(json.dumps(cfg))
     err = fails(capsys, "--method", "svd", "--ratio", "0.3", str(src), str(tmp_path / "out"))
-    assert "unsupported MoE architecture" in err and "'dbrx'" in err and "qwen3_moe" in err
+    assert "without an adapter" in err and "'hunyuan_v1_moe'" in err and "qwen3_moe" in err
 
 
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2", "nan"])
@@ -92,12 +93,13 @@ def test_missing_expert_tensor(tmp_path, capsys):
     assert "model.layers.2.mlp.experts.5.up_proj.weight" in err
 
 
-def test_non_empty_output_needs_overwrite(tmp_path, capsys):
+def test_non_empty_output_is_refused(tmp_path, capsys):
+    """A folder moe-convert did not write is never replaced, not even with --overwrite (tests/test_safety.py)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     err = fails(capsys, "--method", "svd", "--ratio", "0.3", str(FIXTURE), str(out))
-    assert str(out) in err and "--overwrite" in err
+    assert str(out) in err and "not empty" in err and "not written by moe-convert" in err
     assert (out / "keep.txt").read_text() == "precious"
 
 
@@ -157,10 +159,13 @@ def test_unknown_method_option(tmp_path, capsys):
     assert "rank" in err and "Valid options: whiten" in err
 
 
-def test_already_quantized_checkpoint(tmp_path, capsys):
-    src = copy_fixture(tmp_path / "fp8")
+@pytest.mark.parametrize("quant_method", ["mxfp4", "gptq", "moe_lowrank"])
+def test_already_quantized_checkpoint(tmp_path, capsys, quant_method):
+    """Refused up front naming the format (FP8 is read: tests/test_fp8_input.py)."""
+    src = copy_fixture(tmp_path / quant_method)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8"}
+    cfg["quantization_config"] = {"quant_method": quant_method}
     (src / "config.json").write_text(json.dumps(cfg))
     err = fails(capsys, "--method", "svd", "--ratio", "0.3", str(src), str(tmp_path / "out"))
-    assert "already quantized" in err and "fp8" in err
+    assert quant_method in err and "config.json" in err and len(err.strip().splitlines()) == 1
+    assert ("gpt-oss" in err) == (quant_method == "mxfp4")

@@ -55,9 +55,8 @@ def reference(cfg, tensors, x, w, ids, layer: int = 1) -> torch.Tensor:
     return y
 
 
-def run_ranks(cfg, tensors, x, w, ids, tp: int = 1, ep: int = 1, dtype=torch.float64) -> torch.Tensor:
-    """Sum over simulated ranks of the compressed path's outputs."""
-    y = torch.zeros(x.shape[0], cfg.hidden_size, dtype=torch.float64)
+def rank_layouts(cfg, tensors, tp: int = 1, ep: int = 1, dtype=torch.float64):
+    """(layout, loaded buffers) of each simulated TP × EP rank."""
     for rank in range(tp * ep):
         lo, hi = (rank * E // ep, (rank + 1) * E // ep) if ep > 1 else (0, E)
         layout = LayerLayout(cfg, 1, tp_rank=rank % tp, tp_size=tp, local_experts=list(range(lo, hi)))
@@ -65,6 +64,13 @@ def run_ranks(cfg, tensors, x, w, ids, tp: int = 1, ep: int = 1, dtype=torch.flo
         for name in layout.blocks:
             layout.store(bufs, name, tensors[name])
         bufs.update(layout.finalize(bufs))
+        yield layout, bufs
+
+
+def run_ranks(cfg, tensors, x, w, ids, tp: int = 1, ep: int = 1, dtype=torch.float64) -> torch.Tensor:
+    """Sum over simulated ranks of the compressed path's outputs."""
+    y = torch.zeros(x.shape[0], cfg.hidden_size, dtype=torch.float64)
+    for layout, bufs in rank_layouts(cfg, tensors, tp, ep, dtype):
         y += experts_forward(layout, bufs, x.to(dtype), w, ids).double()
     return y
 

@@ -186,6 +186,58 @@ def test_early_stopping_and_batched_gradients(fixture_layer):
     assert chunked.info["loss"] == pytest.approx(full.info["loss"], rel=1e-4)  # accumulated = full-batch gradient
 
 
+def test_best_state_is_the_parameters_its_loss_was_measured_on(fixture_layer):
+    """The kept state's loss, recomputed from the returned parameters, is the recorded best loss (the bug kept the
+    post-step parameters under the pre-step loss); a large step makes consecutive states differ."""
+    fit = fit_bases(fixture_layer.up[:8], 2, 8, Act.silu, MoBESettings(steps=25, eval_every=1, lr=0.5,
+                                                                         refit_left=False))
+    rel = float((fixture_layer.up[:8].double() - fit.weights().detach().double()).square().sum()
+                / fixture_layer.up[:8].double().square().sum())
+    assert fit.info["best_step"] > 0 and rel == pytest.approx(fit.info["adam_loss"], rel=1e-4)
+
+
+def test_fit_length_follows_the_device_and_activation_awareness_the_data():
+    from vllm_moe_lowrank.converters.method import MethodContext, build_method
+    from vllm_moe_lowrank.converters.mobe import GPU_FIT
+
+    def settings(device, ratio, calib, *opts):
+        ctx = MethodContext(arch=ARCH, ratio=ratio, device=torch.device(device), load_experts=None,
+                            has_calib_data=calib)
+        return build_method("mobe", ctx, list(opts)).settings
+
+    gpu = settings("cuda", 0.5, False)
+    assert (gpu.steps, gpu.eval_every, gpu.patience) == (GPU_FIT["steps"], GPU_FIT["eval_every"],
+                                                         GPU_FIT["patience"]) == (10000, 200, 2000)
+    assert settings("cuda", 0.5, False, "steps=50").steps == 50  # given options win
+    cpu = settings("cpu", 0.5, False)
+    assert (cpu.steps, cpu.eval_every, cpu.patience) == (500, 50, 500)
+    assert settings("cpu", 0.5, True).activation_aware and not settings("cpu", 0.5, False).activation_aware
+    assert not settings("cpu", 0.3, True).activation_aware  # up to 1/3: data-free, as the paper
+    assert not settings("cpu", 0.5, True, "activation_aware=false").activation_aware
+
+
+def test_aware_down_is_refitted_on_the_fitted_gate_up(fixture_layer):
+    """At a ratio with down=basis, the aware fit's down target is W* of calibration.down_target (not W_d); with
+    down dense (ratio <= 1/3, aware forced on) the written down is that full-rank refit."""
+    g = torch.Generator().manual_seed(4)
+    T, k = 1500, 4
+    x = torch.randn(T, N, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    calib = LayerCalibration(x=x, topk_ids=ids, topk_weights=torch.full((T, k), 1 / k), num_experts=E)
+    m = method(0.3, "steps=5", "eval_every=5", "activation_aware=true")
+    comp = m.compress_layer(1, fixture_layer, calib)
+    U = {p: torch.stack([comp.tensors[p, "lr_u", e] for e in range(E)]) for p in ("gate", "up")}
+    assert comp.spec.down.dense is not None
+    d = comp.tensors["down", "weight", 3].double()
+    assert not torch.allclose(d, fixture_layer.down[3].double())
+    cfg = layer_config(comp, 1)
+    store = named(cfg, 1, comp)
+    gate, up = (materialize_projection(cfg, 1, p, 3, store.__getitem__) for p in ("gate", "up"))
+    W_star, _ = calib.down_target(3, fixture_layer, gate, up)
+    torch.testing.assert_close(d, W_star, rtol=1e-4, atol=1e-5)
+    assert U["gate"].shape[0] == E
+
+
 # ----- the method on the fixture ------------------------------------------------------------------------------
 def test_compress_layer_is_deterministic_and_keeps_down_exact(fixture_layer):
     m = method(0.3, "steps=15", "eval_every=5")
@@ -229,7 +281,7 @@ def test_activation_aware_weights_the_error_by_each_experts_inputs(fixture_layer
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("mobe")
     out = {}
-    for name, ratio, extra in (("auto", 0.3, []), ("basis", 0.8, ["-o", "down=basis", "-o", "act=tanh"])):
+    for name, ratio, extra in (("auto", 0.3, []), ("basis", 0.8, ["-o", "down=basis", "-o", "act=tanh", "-o", "activation_aware=false"])):
         cli.main(["--method", "mobe", "--ratio", str(ratio), str(FIXTURE), str(root / name), *CALIB, "--dtype",
                   "float32", *FAST, *extra])
         out[name] = (root / name, ratio)

@@ -32,14 +32,15 @@ def method(ratio: float, *options: str, arch=ARCH):
 
 # ----- feasibility: refused up front with the limit stated -----------------------------------------------------
 def test_feasible_ranges_follow_the_parameter_count():
-    m = method(0.2)
+    """The paper's accounting (preset=paper: k_U = E/4 left slots, V shared on down too)."""
+    m = method(0.2, "preset=paper")
     kept_full = 3 * 5 * 192 * 192  # k_U = 4 slots + 1 shared right factor, rank 192, per projection
     lo, hi = m.ratio_range(1)
     assert lo == pytest.approx(1 - (3 * D + kept_full) / (4 * D))  # 0.1719
     assert hi == pytest.approx(1 - (3 * D + 3 * 5 * 192) / (4 * D))  # rank 1
-    assert [m.num_decomposed() for m in (method(r) for r in (0.2, 0.4, 0.6, 0.8))] == [1, 2, 3, 4]
+    assert [m.num_decomposed() for m in (method(r, "preset=paper") for r in (0.2, 0.4, 0.6, 0.8))] == [1, 2, 3, 4]
     # the rank/selection trade-off: with 8 slots, 0.4 is reached by 2 layers at rank 68 or 3 layers at rank 159
-    assert [method(0.4, "k_u=8", f"num_layers={x}").num_decomposed() for x in ("min", "max", "3")] == [2, 3, 3]
+    assert [method(0.4, "preset=paper", "k_u=8", f"num_layers={x}").num_decomposed() for x in ("min", "max", "3")] == [2, 3, 3]
 
 
 @pytest.mark.parametrize("ratio, options, expect", [
@@ -51,19 +52,23 @@ def test_feasible_ranges_follow_the_parameter_count():
 ])
 def test_infeasible_ratios_are_refused_with_the_limit(ratio, options, expect):
     with pytest.raises(RatioError) as err:
-        method(ratio, *options).check_feasible()
+        method(ratio, "preset=paper", *options).check_feasible()
     assert expect in str(err.value) and "moe-svd" in str(err.value)
 
 
 @pytest.mark.parametrize("options, expect", [
     (["share=false", "k_u=2"], "share=false"),
     (["k_u=17"], "k_u=17"),
-    (["group_size=0"], "group_size=0"),
     (["layers=0,9"], "layers=[0, 9]"),
 ])
 def test_inconsistent_options_are_refused(options, expect):
     with pytest.raises(RatioError, match=expect.replace("[", r"\[").replace("]", r"\]")):
         method(0.2, *options).check_feasible()
+
+
+def test_out_of_range_options_are_refused_when_parsed():
+    with pytest.raises(ConvertError, match="group_size: Input should be greater than or equal to 1"):
+        method(0.2, "group_size=0")
 
 
 def test_options_parse_from_the_command_line_and_unknown_ones_are_listed():
@@ -80,10 +85,39 @@ def test_paper_defaults_per_expert_count():
     """App. D.3: 8 experts keep 2, 16 keep 4, 64 and more: groups of 8 keeping 2 each."""
     for E, groups, k in ((8, 1, 2), (16, 1, 4), (64, 8, 2), (128, 16, 2), (60, 8, 2)):
         arch = detect({**json.loads((FIXTURE / "config.json").read_text()), "num_experts": E}, "config.json")
-        m = method(0.5, arch=arch)
+        m = method(0.5, "preset=paper", arch=arch)
         assert len(m.groups()) == groups and sorted(e for g in m.groups() for e in g) == list(range(E))
         assert max(len(g) for g in m.groups()) - min(len(g) for g in m.groups()) <= 1
         assert m.k_u(len(m.groups()[0])) == k
+
+
+def test_measured_defaults_and_the_paper_preset():
+    """Defaults chosen by measurement (docs/methods/moe-svd.md): no trimming (k_u = group size), pooled
+    frequency-weighted V, per-expert down; preset=paper restores the paper's settings for options not given."""
+    m = method(0.5)
+    assert (m.k_u(16), m.v_source(), m.shared_projs()) == (16, "pooled", ("gate", "up"))
+    assert m.settings.selection == "measured" and m.settings.combine == "refit"
+    p = method(0.5, "preset=paper")
+    assert (p.k_u(16), p.v_source(), p.shared_projs()) == (4, "top", PROJS)
+    assert p.settings.selection == "sensitivity" and p.settings.combine == "eq8"
+    assert method(0.5, "preset=paper", "combine=refit", "k_u=8").k_u(16) == 8  # given options win
+    assert method(0.5, "preset=paper", "combine=refit").settings.combine == "refit"
+
+
+def test_pooled_basis_is_the_top_basis_when_the_group_is_one_expert_repeated():
+    """With identical members (weights and inputs) the pooled, frequency-weighted basis spans e*'s own."""
+    import dataclasses
+
+    w1 = fake_weights(1, 12, 10)
+    w = dataclasses.replace(w1, gate=w1.gate.repeat(4, 1, 1), up=w1.up.repeat(4, 1, 1), down=w1.down.repeat(4, 1, 1))
+    c = fake_calib(4, 12, T=500)
+    calib = dataclasses.replace(c, topk_ids=torch.arange(4).repeat(500, 1), topk_weights=torch.full((500, 4), 0.25),
+                                num_experts=4, _index={}, _mean={})
+    grams = _GramCache(w, calib, 1e-4, 0.1, torch.device("cpu"))
+    top = project_group(w, grams, "gate", [0, 1, 2, 3], 4, 5, "refit", torch.device("cpu"))
+    pooled = project_group(w, grams, "gate", [0, 1, 2, 3], 4, 5, "refit", torch.device("cpu"), calib.frequency())
+    proj = lambda R: R.T @ torch.linalg.pinv(R.T)  # noqa: E731  projector onto the row space
+    torch.testing.assert_close(proj(top.R0), proj(pooled.R0), atol=1e-6, rtol=1e-6)
 
 
 def test_allocate_ranks_fills_the_budget_within_one_rank():
@@ -189,7 +223,7 @@ def test_every_ablation_compresses_a_real_layer():
     weights = load_expert_weights(Checkpoint(FIXTURE), ARCH, 1)
     calib = fake_calib(16, 192, T=2000, k=4)
     for opts in ([], ["combine=sum"], ["combine=mean"], ["combine=eq8"], ["combine=alg3"], ["k_u=16"],
-                 ["k_u=1"], ["group_size=8", "k_u=2"], ["share=false"]):
+                 ["k_u=1"], ["group_size=8", "k_u=2"], ["share=false"], ["preset=paper"]):
         m = method(0.23, "layers=1", *opts)
         m.check_feasible()
         comp = m.compress_layer(1, weights, calib)
@@ -229,7 +263,8 @@ def test_plan_pass_ranks_layers_and_round_trips_through_json():
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe-svd")
     out = {}
-    for ratio, opts in ((0.2, []), (0.6, ["-o", "selection=sensitivity"]), (0.8, ["-o", "selection=uniform"])):
+    for ratio, opts in ((0.2, ["-o", "preset=paper", "-o", "selection=measured", "-o", "combine=refit"]),
+                        (0.6, ["-o", "selection=sensitivity"]), (0.8, ["-o", "selection=uniform"])):
         out[ratio] = root / f"moe-svd-{ratio}"
         cli.main(["--method", "moe-svd", "--ratio", str(ratio), str(FIXTURE), str(out[ratio]), *CALIB,
                   "--dtype", "float32", *opts])

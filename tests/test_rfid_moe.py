@@ -184,7 +184,7 @@ def test_layer_keeps_the_exact_budget_at_every_ratio(ratio):
 
 ABLATIONS = [["allocation=uniform"], ["allocation=frequency"], ["allocation=erank"], ["residual=false"],
              ["buckets=random"], ["whiten=false"], ["refit=false"], ["down=dense"], ["down=lowrank"],
-             ["split=equal"], ["erank_on=whitened"], ["norm=minmax", "xi=0.3"], ["group_size=3"]]
+             ["split=equal"], ["erank_on=whitened"], ["norm=minmax", "xi_select=fixed", "xi=0.3"], ["group_size=3"]]
 
 
 @pytest.mark.parametrize("options", ABLATIONS, ids=lambda o: ",".join(o))
@@ -208,10 +208,31 @@ def test_ablation_options_parse_and_run(options):
     cfg = MoELowRankConfig(format_version=FORMAT_VERSION, method="rfid-moe", num_experts=8, hidden_size=32,
                            intermediate_size=24, moe_prefix=SMALL.moe_prefix, moe_layers=[0], layers={0: comp.spec})
     # what is written reconstructs the reported whitened errors' weights: a sane approximation of every expert
-    for p in PROJS:
+    for p in ("gate", "up"):  # down is refitted on ĥ (--down-fit compressed): judged by the output below
         W = w.proj(p).double()
         What = torch.stack([materialize_projection(cfg, 0, p, e, tensors.__getitem__) for e in range(8)])
         assert float((W - What).norm() / W.norm()) < 0.9, p
+    from vllm_moe_lowrank.converters.calibration import dense_expert_fn, moe_output
+    from vllm_moe_lowrank.converters.pipeline import _written_expert_fn
+
+    exact = moe_output(calib.x, calib.topk_ids, calib.topk_weights, dense_expert_fn(w.gate, w.up, w.down))
+    approx = moe_output(calib.x, calib.topk_ids, calib.topk_weights,
+                        _written_expert_fn(SMALL, "rfid-moe", 0, comp, tensors))
+    assert float((approx - exact).norm() / exact.norm()) < 0.9
+
+
+def test_xi_is_chosen_on_calibration_statistics():
+    """xi_select=calib (default) takes the ξ of XI_GRID whose plan the calibration spectra predict best; the layer
+    then equals a fixed-ξ run with that value. Nothing but the calibration collector is read."""
+    from vllm_moe_lowrank.converters.rfid_moe import XI_GRID
+
+    w, calib = fake_weights(8, 32, 24), fake_calib(8, 32, T=2000, outlier=True)
+    auto = method(0.5, arch=SMALL).compress_layer(0, w, calib)
+    assert auto.info["xi"] in XI_GRID
+    fixed = {xi: method(0.5, "xi_select=fixed", f"xi={xi}", arch=SMALL).compress_layer(0, w, calib) for xi in XI_GRID}
+    assert fixed[auto.info["xi"]].info["group_ranks"] == auto.info["group_ranks"]
+    best = min(XI_GRID, key=lambda xi: (sum(v ** 2 for v in fixed[xi].info["predicted_rel_err"].values()), xi))
+    assert auto.info["xi"] == best
 
 
 def test_bad_options_are_refused_with_the_valid_ones_listed():
@@ -248,7 +269,9 @@ RATIO = 0.8  # one conversion (CI time): every term is written (down low-rank in
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rfid") / f"rfid-{RATIO}"
-    cli.main(["--method", "rfid-moe", "--ratio", str(RATIO), str(FIXTURE), str(folder), *CALIB, "--dtype", "float32"])
+    # a fixed ξ < 1 here: the test below checks that frequency moves ranks (ξ selection: its own test)
+    cli.main(["--method", "rfid-moe", "--ratio", str(RATIO), str(FIXTURE), str(folder), *CALIB, "--dtype", "float32",
+              "-o", "xi_select=fixed"])
     return folder
 
 

@@ -1,7 +1,8 @@
 """Broken checkpoints and wrong flags stop vLLM at startup with an error naming the problem.
 
 These fail while vLLM builds its config (the plugin checks the checkpoint's headers against quantization_config),
-before any engine starts, so they are fast.
+before any engine starts, so they are fast; a missing non-expert tensor is found when the weights load (one engine
+start).
 """
 
 from __future__ import annotations
@@ -49,11 +50,23 @@ def extra(t, c):  # expert 16 of 16: vLLM's own loader would silently skip it
     t[f"{LAYER}.16.gate_proj.lr_u"] = torch.zeros(4, 4)
 
 
+def no_quant_method(t, c):
+    del c["quantization_config"]["quant_method"]
+
+
+def unlisted_layer(t, c):  # layer 1 dropped from the config, its compressed tensors still there
+    del c["quantization_config"]["layers"]["1"]
+    c["quantization_config"]["moe_layers"].remove(1)
+
+
 CASES = {
     "missing": (drop, rf"missing tensor '{LAYER}\.3\.up_proj\.lr_v'"),
     "shape": (reshape, rf"'{LAYER}\.5\.down_proj\.lr_u' has shape"),
     "format_version": (version, r"format_version=99 is not supported"),
     "extra": (extra, rf"unexpected tensor '{LAYER}\.16\.gate_proj\.lr_u'"),
+    "no_quant_method": (no_quant_method, r"has the moe_lowrank fields .* but quant_method=None"),
+    "unlisted_layer": (unlisted_layer, rf"layer 1 has routed-expert tensors \(e\.g\. '{LAYER}\..*'\) but "
+                                       r"quantization_config\.moe_layers does not list it"),
 }
 
 
@@ -69,6 +82,16 @@ def test_tampered_checkpoint_refuses_to_start(case, checkpoints, tmp_path):
     model = tampered(checkpoints("svd")[0], tmp_path / case, edit)
     with pytest.raises(Exception, match=message):
         start(model)
+
+
+def test_missing_non_expert_tensor_stops_the_server(checkpoints, tmp_path, capfd):
+    """vLLM checks that every parameter was loaded only for unquantized models; the plugin checks for its own."""
+    name = "model.layers.1.self_attn.o_proj.weight"
+    model = tampered(checkpoints("svd")[0], tmp_path / "no-o-proj", lambda t, c: t.pop(name))
+    with pytest.raises(Exception):
+        start(model)
+    logs = "".join(capfd.readouterr())
+    assert f"1 model parameter(s) were not loaded from the checkpoint: {name!r}" in logs
 
 
 def test_other_quantization_flag_is_refused(checkpoints):

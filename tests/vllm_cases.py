@@ -23,13 +23,15 @@ CONVERTER_CASES: dict[str, list[str]] = {  # name -> moe-convert arguments
     "mobe": ["--method", "mobe", "--ratio", "0.3", "-o", "steps=100"],  # silu basis mix on gate/up, dense down
     "rfid-moe": ["--method", "rfid-moe", "--ratio", "0.4"],  # ragged group ranks + residual on gate/up, down slots
 }
+# FP8 factors (format v2 scales, dequantized per use by the torch path): the offline engine only
+FP8_CASES: dict[str, list[str]] = {"svd-fp8": ["--method", "svd", "--ratio", "0.3", "--factor-dtype", "fp8_e4m3"]}
 # name -> {layer: specs.CASES name}; unlisted MoE layers would stay dense (the moe-svd case has dense layers; the
 # EP test needs none: vLLM 0.32's CPU kernel for dense MoE layers crashes under expert parallelism)
 SYNTH_CASES: dict[str, dict[int, str]] = {
     "synth-shared": {0: "moe_svd", 1: "mobe", 2: "svd", 3: "rfid"},
     "synth-units": {0: "rs_moe", 1: "mixed", 2: "mobe_identity", 3: "svd"},
 }
-ALL_CASES = [*CONVERTER_CASES, *SYNTH_CASES]
+ALL_CASES = [*CONVERTER_CASES, *FP8_CASES, *SYNTH_CASES]
 
 PROMPTS = ["def fibonacci(n):", "import os\n", "The function returns", "Python's standard library"]
 CHATS = [[{"role": "user", "content": "How do I open a file?"}],
@@ -50,8 +52,8 @@ def build_case(name: str, root: Path) -> tuple[Path, Path]:
     comp, dense = root / name, root / f"{name}-dense"
     if (dense / "config.json").is_file() and (comp / "config.json").is_file():
         return comp, dense
-    if name in CONVERTER_CASES:
-        convert(FIXTURE, comp, CONVERTER_CASES[name], dense)
+    if name in CONVERTER_CASES or name in FP8_CASES:
+        convert(FIXTURE, comp, {**CONVERTER_CASES, **FP8_CASES}[name], dense)
     else:
         from synth import build
 
@@ -60,7 +62,7 @@ def build_case(name: str, root: Path) -> tuple[Path, Path]:
 
 
 def convert(src: Path, out: Path, args: list[str], dense: Path | None = None) -> None:
-    cmd = [sys.executable, "-m", "vllm_moe_lowrank.converters.cli", *args, str(src), str(out), *CONVERT_ARGS,
+    cmd = [sys.executable, "-m", "vllm_moe_lowrank.converters.cli", *CONVERT_ARGS, *args, str(src), str(out),
            "--overwrite", *(["--export-dense", str(dense)] if dense else [])]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:

@@ -23,6 +23,13 @@ def expert_memory(model) -> dict:
     return out
 
 
+def linear_methods(model) -> dict:
+    """{module name: its quant method's class name} for every linear layer (LinearBase) of the model."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    return {name: type(m.quant_method).__name__ for name, m in model.named_modules() if isinstance(m, LinearBase)}
+
+
 def install_moe_hooks(model) -> int:
     """Record (layer index, input, output) of every MoE block (the model's ``mlp`` holding routed experts);
     tensors as nested lists (they travel back through vLLM's RPC)."""

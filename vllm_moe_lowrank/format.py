@@ -15,6 +15,13 @@ sum of up to four *terms*; an expert's weight is the sum of the terms present::
 Units (RS-MoE): when ``units`` is set, expert e keeps ``exact[e] + lowrank[e]`` intermediate units in a compact
 order (exact units first); pruned units are gone. Terms then cover the ``exact`` or the ``lowrank`` segment.
 Without ``units`` every term covers all ``m`` units.
+
+Factor dtype (format version 2): with ``factor_dtype = "fp8_e4m3"`` every float tensor of a compressed layer (all
+of the above except the float32 ``lr_mix`` and the int32 indices) is stored as ``float8_e4m3fn`` beside a float32
+``<suffix>_scale`` tensor with one scale per rank component for the low-rank factors (per column of ``lr_u``, per
+row of ``lr_v``) and per row (dim 0) for every other tensor: ``W ≈ q.float() · scale`` broadcast along that axis
+(``dequantize``; docs/format.md has the measured choice).
+Version 1 checkpoints (no ``factor_dtype``) are still read: their float tensors are in the checkpoint's float dtype.
 """
 
 from __future__ import annotations
@@ -28,9 +35,21 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 QUANT_METHOD = "moe_lowrank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; readers accept SUPPORTED_VERSIONS
+SUPPORTED_VERSIONS = (1, 2)
 PROJS = ("gate", "up", "down")
 SHARED = "shared"  # path component for per-layer tensors: <moe_prefix>.shared.<proj_name>.<suffix>
+FP8 = "fp8_e4m3"  # the one quantized factor dtype: torch.float8_e4m3fn with float32 scales
+FACTOR_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                 FP8: torch.float8_e4m3fn}
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+SCALE_SUFFIX = "_scale"  # scale tensor of a quantized tensor: <suffix>_scale, float32, one per index of its axis
+SCALE_AXIS = {"lr_u": 1}  # the axis a suffix's FP8 scales index (the rank for both factors); others: 0 (rows)
+
+
+def scale_axis(suffix: str) -> int:
+    """The axis of a tensor with this suffix that its FP8 scales index (docs/format.md, FP8 factors)."""
+    return SCALE_AXIS.get(suffix, 0)
 
 
 class FormatError(ValueError):
@@ -43,6 +62,29 @@ class Act(str, Enum):
     identity = "identity"
     silu = "silu"
     tanh = "tanh"
+
+
+def _bcast(scale: torch.Tensor, dim: int, axis: int) -> torch.Tensor:
+    return scale.view([-1 if d == axis else 1 for d in range(dim)])
+
+
+def quantize_rows(w: torch.Tensor, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q float8_e4m3fn, scale float32 [w.shape[axis]]) with w ≈ q · scale broadcast along ``axis``: one scale per
+    index of ``axis``, that slice's absolute maximum mapped to 448; round to nearest. An all-zero slice gets 1."""
+    w32 = w.detach().float()
+    if w32.numel() == 0:
+        return w32.to(torch.float8_e4m3fn), torch.ones(w32.shape[axis])
+    amax = w32.abs().amax(dim=tuple(d for d in range(w32.dim()) if d != axis)) if w32.dim() > 1 else w32.abs()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (w32 / _bcast(scale, w32.dim(), axis)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
+               axis: int = 0) -> torch.Tensor:
+    """q · scale (broadcast along ``axis``) computed in float32 (float64 if asked), returned in ``dtype``."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (q.to(acc) * _bcast(scale.to(acc), q.dim(), axis)).to(dtype)
 
 
 def apply_act(act: Act | str, w: torch.Tensor) -> torch.Tensor:
@@ -163,20 +205,36 @@ class ProjNames(_Strict):
 
 
 class TensorSpec(BaseModel):
-    """One tensor of a compressed layer: its checkpoint name, exact shape and dtype class."""
+    """One tensor of a compressed layer: its checkpoint name, exact shape and dtype class.
+
+    dtype "float": the checkpoint's float dtype (bf16, fp16, fp32; ``factor_dtype`` when set); "fp8": float8_e4m3fn
+    data whose float32 scales (along ``scale_axis(suffix)``) are the tensor named ``scale``; a scale tensor itself
+    has ``scale_of`` set."""
 
     model_config = ConfigDict(frozen=True)
     name: str
     shape: tuple[int, ...]
-    dtype: Literal["float", "float32", "int32"]  # "float": the checkpoint's float dtype (bf16, fp16, fp32)
+    dtype: Literal["float", "float32", "int32", "fp8"]
     proj: str
     suffix: str
     expert: int | None  # None: shared per-layer tensor
+    scale: str | None = None  # fp8 data: name of its scale tensor
+    scale_of: str | None = None  # a scale tensor: name of the fp8 tensor it scales
 
     @property
     def is_param(self) -> bool:
-        """Counted as a parameter for the compression ratio (indices are reported separately)."""
-        return self.dtype != "int32"
+        """Counted as a parameter for the compression ratio (indices and scales are reported as bytes)."""
+        return self.dtype != "int32" and self.scale_of is None
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The stored torch dtype; None for "float" (the checkpoint's / the model's float dtype)."""
+        return {"float32": torch.float32, "int32": torch.int32, "fp8": torch.float8_e4m3fn}.get(self.dtype)
+
+    def nbytes(self, float_bytes: int) -> int:
+        """Stored bytes; ``float_bytes`` is the element size of a "float" tensor."""
+        size = {"float32": 4, "int32": 4, "fp8": 1}.get(self.dtype, float_bytes)
+        return math.prod(self.shape) * size
 
 
 class MoELowRankConfig(_Strict):
@@ -194,14 +252,21 @@ class MoELowRankConfig(_Strict):
     expert_names: ProjNames = ProjNames()
     moe_layers: list[int]
     layers: dict[int, LayerSpec]
+    # version 2: dtype of the compressed layers' float tensors; fp8_e4m3 adds float32 scales (see top)
+    factor_dtype: Literal["bfloat16", "float16", "float32", "fp8_e4m3"] | None = None
+    # how the non-expert linear layers are stored: the source's own fp8 quantization_config, None if unquantized
+    linear_quantization: dict | None = None
 
     @model_validator(mode="after")
     def _validate(self) -> MoELowRankConfig:
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in SUPPORTED_VERSIONS:
             raise FormatError(
                 f"quantization_config.format_version={self.format_version} is not supported by this version of "
-                f"vllm-moe-lowrank (supports {FORMAT_VERSION}); re-convert the checkpoint or upgrade the plugin"
+                f"vllm-moe-lowrank (supports {', '.join(map(str, SUPPORTED_VERSIONS))}); re-convert the checkpoint "
+                "or upgrade the plugin"
             )
+        if self.format_version == 1 and (self.factor_dtype is not None or self.linear_quantization is not None):
+            raise FormatError("quantization_config: factor_dtype and linear_quantization need format_version >= 2")
         if "{layer}" not in self.moe_prefix:
             raise FormatError(f"quantization_config.moe_prefix {self.moe_prefix!r} must contain '{{layer}}'")
         for layer, spec in self.layers.items():
@@ -220,6 +285,11 @@ class MoELowRankConfig(_Strict):
     def tensor_name(self, layer: int, p: str, suffix: str, expert: int | None) -> str:
         where = SHARED if expert is None else str(expert)
         return f"{self.prefix(layer)}.{where}.{self.proj_name(p)}.{suffix}"
+
+    @property
+    def quantized(self) -> bool:
+        """Compressed layers store their float tensors as FP8 with float32 scales."""
+        return self.factor_dtype == FP8
 
     def dense_layers(self) -> list[int]:
         """MoE layers left uncompressed (stored as ordinary per-expert ``.weight`` tensors)."""
@@ -243,6 +313,13 @@ class MoELowRankConfig(_Strict):
 
         def add(p: str, suffix: str, shape: tuple[int, ...], dtype: str = "float", expert: int | None = None):
             name = self.tensor_name(layer, p, suffix, expert)
+            if dtype == "float" and self.quantized:
+                sname = self.tensor_name(layer, p, suffix + SCALE_SUFFIX, expert)
+                out[name] = TensorSpec(name=name, shape=shape, dtype="fp8", proj=p, suffix=suffix, expert=expert,
+                                       scale=sname)
+                out[sname] = TensorSpec(name=sname, shape=(shape[scale_axis(suffix)],), dtype="float32", proj=p,
+                                        suffix=suffix + SCALE_SUFFIX, expert=expert, scale_of=name)
+                return
             out[name] = TensorSpec(name=name, shape=shape, dtype=dtype, proj=p, suffix=suffix, expert=expert)
 
         spec = self.layers[layer]
@@ -374,6 +451,18 @@ def bucket_projection(bucket: torch.Tensor, width: int) -> torch.Tensor:
     return P
 
 
+def float_getter(cfg: MoELowRankConfig, get: Getter) -> Getter:
+    """A getter that returns FP8 tensors dequantized (float32) with their ``*_scale``; other tensors unchanged."""
+
+    def fetch(name: str) -> torch.Tensor:
+        t = get(name)
+        if t.dtype == torch.float8_e4m3fn:
+            return dequantize(t, get(name + SCALE_SUFFIX), torch.float32, scale_axis(name.rsplit(".", 1)[1]))
+        return t
+
+    return fetch
+
+
 def _offset(sizes: list[int], k: int) -> int:
     return sum(sizes[:k])
 
@@ -382,6 +471,7 @@ def right_factor(cfg: MoELowRankConfig, layer: int, p: str, e: int, get: Getter)
     """R_e ``[r_e, in]`` of the low-rank term (act applied), float64."""
     lr = cfg.layers[layer].proj(p).lowrank
     r = lr.ranks[e]
+    get = float_getter(cfg, get)
     if lr.num_bases is not None:
         bases = get(cfg.tensor_name(layer, p, "lr_v", None)).double()  # [J*r, in]
         mix = get(cfg.tensor_name(layer, p, "lr_mix", e)).double()  # [J]
@@ -398,6 +488,7 @@ def right_factor(cfg: MoELowRankConfig, layer: int, p: str, e: int, get: Getter)
 def left_factor(cfg: MoELowRankConfig, layer: int, p: str, e: int, get: Getter) -> torch.Tensor:
     """L_e ``[out, r_e]`` of the low-rank term, float64."""
     lr = cfg.layers[layer].proj(p).lowrank
+    get = float_getter(cfg, get)
     if lr.left_slots is not None:
         s = lr.left_slots[e]
         off = _offset(lr.slot_ranks(), s)
@@ -414,6 +505,7 @@ def materialize_projection(cfg: MoELowRankConfig, layer: int, p: str, e: int, ge
     if layer not in cfg.layers:
         return get(cfg.tensor_name(layer, p, "weight", e)).double()
     ps = cfg.layers[layer].proj(p)
+    get = float_getter(cfg, get)
     n, m = cfg.hidden_size, cfg.intermediate_size
     full = torch.zeros((n, m) if p == "down" else (m, n), dtype=torch.float64)
     # compact unit order of this expert: [exact | lowrank]; "all" spans both (or all m without a units split)

@@ -15,6 +15,33 @@ def _write(result: dict, out: str | None) -> None:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
+    return value
+
+
+def _local_paths(a: argparse.Namespace) -> None:
+    """Checkpoints are local folders and text files exist: a missing path is an error here, never a model-hub id
+    that transformers or vLLM would try to download."""
+    folders = {"checkpoint": getattr(a, "checkpoint", None), "--reference": getattr(a, "reference", None)}
+    for what, path in folders.items():
+        if path is not None and not (Path(path) / "config.json").is_file():
+            state = "has no config.json" if Path(path).is_dir() else "does not exist"
+            raise FileNotFoundError(f"{what} {path}: {state}; give a local checkpoint folder (model-hub ids are not "
+                                    "fetched)")
+    for run in getattr(a, "runs", None) or []:
+        if not Path(run).exists():
+            raise FileNotFoundError(f"RUN {run}: does not exist (a result .json or a checkpoint folder)")
+    text = getattr(a, "text", None)
+    if text is not None and not Path(text).is_file():
+        raise FileNotFoundError(f"--text {text}: file not found")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moe-eval", description="Evaluate dense or moe_lowrank checkpoints")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -26,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint is materialized to a dense export first).")
     p.add_argument("checkpoint")
     p.add_argument("--text", required=True, help="held-out text file")
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--window", type=_positive, default=256)
+    p.add_argument("--max-tokens", type=_positive, default=16384)
     p.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"])
     p.add_argument("--compile", action="store_true", help="vllm backend: compiled mode instead of enforce_eager")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -41,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("checkpoint", help="compressed (moe_lowrank) checkpoint")
     l.add_argument("--reference", required=True, help="the dense checkpoint it was converted from")
     l.add_argument("--text", required=True, help="held-out text file")
-    l.add_argument("--window", type=int, default=256)
-    l.add_argument("--max-tokens", type=int, default=4096)
-    l.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    l.add_argument("--window", type=_positive, default=256)
+    l.add_argument("--max-tokens", type=_positive, default=4096)
+    l.add_argument("--batch-size", type=_positive, default=8, help="windows per forward")
     l.add_argument("--device", default="cpu")
     l.add_argument("--json", action="store_true")
     l.add_argument("--out", help="also write the result as JSON to this file")
@@ -66,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     from vllm_moe_lowrank.converters.errors import ConvertError
 
     a = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local checkpoints only: never reach the network
     try:
+        _local_paths(a)
         if a.cmd == "ppl":
             from .perplexity import is_compressed, perplexity, resolve_backend
 

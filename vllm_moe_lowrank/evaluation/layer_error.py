@@ -138,12 +138,12 @@ def layer_errors(ckpt: str | Path, reference: str | Path, text_file: str | Path,
                 c = calib.get(str(layer), {}).get("output_rel_err")
                 if c is not None:
                     row["calib_rel_err"] = c
-                module.mlp.experts = experts
+                runner.set_experts(module, experts)
             else:  # left dense by the converter: its stored experts, which should equal the reference's
                 stored = load_expert_weights(comp, arch, layer)
                 row = {"layer": layer, "status": "dense", "moe_rel_err": max(
                     _rel(stored.proj(p), weights.proj(p)) for p in ("gate", "up", "down"))}
-                module.mlp.experts = ExpertsProbe(stored)
+                runner.set_experts(module, ExpertsProbe(stored))
             del seen
         h_cmp = runner.forward_layer(module, h_cmp)
         runner.release_layer(layer)

@@ -14,7 +14,9 @@ def register() -> None:
 
     from vllm_moe_lowrank.format import QUANT_METHOD
 
+    from . import strict
     from .config import MoELowRankQuantConfig
 
     register_quantization_config(QUANT_METHOD)(MoELowRankQuantConfig)
+    strict.install()  # vLLM checks that every parameter was loaded only for unquantized models
     _registered = True

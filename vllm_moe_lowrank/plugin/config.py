@@ -20,6 +20,7 @@ from vllm_moe_lowrank.format import QUANT_METHOD, SHARED, FormatError, MoELowRan
 # "w13_shared_<suffix>" / "w2_shared_<suffix>" whose loader ignores the expert id. Idempotent.
 _SHARED_RE = re.compile(rf"\.experts\.{SHARED}\.([^.]+)\.([^.]+)$")
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_FORMAT_KEYS = ("format_version", "moe_prefix", "moe_layers", "layers")  # what marks a moe_lowrank section
 
 
 def _validation_message(err: ValidationError) -> str:
@@ -40,6 +41,15 @@ class MoELowRankQuantConfig(QuantizationConfig):
             raise FormatError("--quantization moe_lowrank needs a checkpoint written by moe-convert: its "
                               "config.json has no quantization_config section")
         self.fmt = fmt
+        self.fp8 = None  # the source's FP8 settings for the non-expert linear layers (plugin/fp8.py)
+        if fmt.linear_quantization is not None:
+            from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+
+            try:
+                self.fp8 = Fp8Config.from_config(fmt.linear_quantization)
+            except (ValueError, KeyError) as err:
+                raise FormatError(f"moe_lowrank: quantization_config.linear_quantization "
+                                  f"{fmt.linear_quantization}: {err}") from None
 
     # ----- identity ---------------------------------------------------------------------------------------------
     def get_name(self) -> str:
@@ -64,6 +74,16 @@ class MoELowRankQuantConfig(QuantizationConfig):
             raise FormatError(f"moe_lowrank: invalid quantization_config in config.json: "
                               f"{_validation_message(err)}") from None
 
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
+        """Refuse a moe_lowrank quantization_config whose quant_method was removed or changed: vLLM would load it
+        as another format (or unquantized) and fail on the first compressed tensor."""
+        if all(k in hf_quant_cfg for k in _FORMAT_KEYS) and hf_quant_cfg.get("quant_method") != QUANT_METHOD:
+            raise FormatError(f"config.json: quantization_config has the moe_lowrank fields ({', '.join(_FORMAT_KEYS)})"
+                              f" but quant_method={hf_quant_cfg.get('quant_method') or None!r}; set \"quant_method\": "
+                              f"\"{QUANT_METHOD}\" (the checkpoint was written by moe-convert)")
+        return None
+
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
         """Check the checkpoint's expert tensors against the config before anything loads (local folders)."""
         path = Path(model_name)
@@ -83,15 +103,28 @@ class MoELowRankQuantConfig(QuantizationConfig):
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, LinearBase):
-            return UnquantizedLinearMethod()
+            if self.fp8 is None:
+                return UnquantizedLinearMethod()
+            from .fp8 import fp8_linear_method
+
+            self.fp8.packed_modules_mapping = self.packed_modules_mapping  # set on this config by the loader
+            return fp8_linear_method(self.fp8, layer, prefix)
         if isinstance(layer, RoutedExperts):
             idx = self.layer_index(prefix)
+            if idx not in self.fmt.moe_layers:
+                raise FormatError(f"moe_lowrank: {prefix}: the model has routed experts in layer {idx}, but "
+                                  f"quantization_config.moe_layers {self.fmt.moe_layers} does not list it; "
+                                  "config.json and the weights disagree (re-run moe-convert)")
             if idx in self.fmt.layers:
                 from .method import MoELowRankMoEMethod
 
                 return MoELowRankMoEMethod(self.fmt, idx, layer.moe_config)
             return UnquantizedFusedMoEMethod(layer.moe_config)  # an MoE layer the converter left dense
         return None
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        if self.fp8 is not None:  # the source's ignored-layer names, in vLLM's module names
+            self.fp8.apply_vllm_mapper(hf_to_vllm_mapper)
 
     def get_checkpoint_weight_mapper(self):
         from vllm.model_executor.models.utils import WeightsMapper
