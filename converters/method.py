@@ -95,7 +95,7 @@ class Method:
         raise NotImplementedError
 
 
-METHODS = {  # CLI name -> module under vllm_moe_lowrank.converters
+METHODS = {  # CLI name -> module under vllm_moe_lowrank.converters.methods (converters/methods/)
     "svd": "svd",
     "moe-svd": "moe_svd",
     "mobe": "mobe",
@@ -108,7 +108,7 @@ def method_class(name: str) -> type[Method]:
     if name not in METHODS:
         raise ConvertError(f"--method {name!r}: unknown; choose one of {', '.join(METHODS)}")
     try:
-        module = importlib.import_module(f"{__package__}.{METHODS[name]}")
+        module = importlib.import_module(f"{__package__}.methods.{METHODS[name]}")
     except ModuleNotFoundError as err:
         if err.name and err.name.endswith(METHODS[name]):
             raise ConvertError(f"--method {name!r} is not available in this version") from None

@@ -15,7 +15,7 @@ from vllm_moe_lowrank.converters.calibration import LayerCalibration
 from vllm_moe_lowrank.converters.checkpoint import Checkpoint
 from vllm_moe_lowrank.converters.errors import ConvertError, RatioError
 from vllm_moe_lowrank.converters.experts import ExpertWeights, load_expert_weights
-from vllm_moe_lowrank.converters.mobe import (MoBESettings, _Loss, balanced_groups, fit_bases, grouped_svd_bases,
+from vllm_moe_lowrank.converters.methods.mobe import (MoBESettings, _Loss, balanced_groups, fit_bases, grouped_svd_bases,
                                               init_fit, solve_left, split_budget)
 from vllm_moe_lowrank.converters.verify import verify_checkpoint
 from vllm_moe_lowrank.format import (FORMAT_VERSION, PROJS, Act, DenseTerm, LayerSpec, LowRankTerm,
@@ -198,7 +198,7 @@ def test_best_state_is_the_parameters_its_loss_was_measured_on(fixture_layer):
 
 def test_fit_length_follows_the_device_and_activation_awareness_the_data():
     from vllm_moe_lowrank.converters.method import MethodContext, build_method
-    from vllm_moe_lowrank.converters.mobe import GPU_FIT
+    from vllm_moe_lowrank.converters.methods.mobe import GPU_FIT
 
     def settings(device, ratio, calib, *opts):
         ctx = MethodContext(arch=ARCH, ratio=ratio, device=torch.device(device), load_experts=None,

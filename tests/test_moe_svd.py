@@ -15,7 +15,7 @@ from vllm_moe_lowrank.converters.arch import detect
 from vllm_moe_lowrank.converters.checkpoint import Checkpoint
 from vllm_moe_lowrank.converters.errors import ConvertError, RatioError
 from vllm_moe_lowrank.converters.experts import load_expert_weights
-from vllm_moe_lowrank.converters.moe_svd import (Factorization, _GramCache, allocate_ranks, layer_sensitivity,
+from vllm_moe_lowrank.converters.methods.moe_svd import (Factorization, _GramCache, allocate_ranks, layer_sensitivity,
                                                  project_group, trim)
 from vllm_moe_lowrank.converters.pipeline import _cast_layer
 from vllm_moe_lowrank.converters.verify import verify_checkpoint

@@ -16,7 +16,7 @@ from vllm_moe_lowrank.converters import cli
 from vllm_moe_lowrank.converters.checkpoint import Checkpoint
 from vllm_moe_lowrank.converters.errors import ConvertError, RatioError
 from vllm_moe_lowrank.converters.pipeline import _cast_layer
-from vllm_moe_lowrank.converters.rfid_moe import (TypeCurve, allocate_ranks, effective_rank, energy_buckets,
+from vllm_moe_lowrank.converters.methods.rfid_moe import (TypeCurve, allocate_ranks, effective_rank, energy_buckets,
                                                   frequency_groups, importance, least_squares_left,
                                                   random_buckets, shared_left_factor, shared_right_factor,
                                                   split_budget)
@@ -224,7 +224,7 @@ def test_ablation_options_parse_and_run(options):
 def test_xi_is_chosen_on_calibration_statistics():
     """xi_select=calib (default) takes the ξ of XI_GRID whose plan the calibration spectra predict best; the layer
     then equals a fixed-ξ run with that value. Nothing but the calibration collector is read."""
-    from vllm_moe_lowrank.converters.rfid_moe import XI_GRID
+    from vllm_moe_lowrank.converters.methods.rfid_moe import XI_GRID
 
     w, calib = fake_weights(8, 32, 24), fake_calib(8, 32, T=2000, outlier=True)
     auto = method(0.5, arch=SMALL).compress_layer(0, w, calib)

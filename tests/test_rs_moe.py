@@ -15,9 +15,9 @@ from vllm_moe_lowrank.converters.calibration import LayerCalibration
 from vllm_moe_lowrank.converters.errors import ConvertError, RatioError
 from vllm_moe_lowrank.converters.experts import ExpertWeights
 from vllm_moe_lowrank.converters.method import MethodContext, build_method, parse_options
-from vllm_moe_lowrank.converters.rs_moe import (RSMoEMethod, _rank_cap, activation_stats,
+from vllm_moe_lowrank.converters.methods.rs_moe import (RSMoEMethod, _rank_cap, activation_stats,
                                                  allocate_ranks, downstream_alignment, partition)
-from vllm_moe_lowrank.converters.rs_moe_mi import (mine_mi, pca_features, pool_windows, qp_save_ratios,
+from vllm_moe_lowrank.converters.methods.rs_moe_mi import (mine_mi, pca_features, pool_windows, qp_save_ratios,
                                                     redundancy)
 from vllm_moe_lowrank.format import FORMAT_VERSION, PROJS, MoELowRankConfig, ProjNames, materialize_projection
 

@@ -26,11 +26,11 @@ from pydantic import Field, field_validator
 from vllm_moe_lowrank.format import (FORMAT_VERSION, PROJS, LayerSpec, LowRankTerm, MoELowRankConfig, ProjSpec,
                                      materialize_projection)
 
-from .calibration import LayerCalibration, dense_expert_fn, moe_output
-from .errors import RatioError
-from .experts import ExpertWeights
-from .method import CompressedLayer, Damp, Method, MethodSettings, Shrink
-from .whitening import Whitening, solve_spd, whitened_svd, whitening
+from ..calibration import LayerCalibration, dense_expert_fn, moe_output
+from ..errors import RatioError
+from ..experts import ExpertWeights
+from ..method import CompressedLayer, Damp, Method, MethodSettings, Shrink
+from ..whitening import Whitening, solve_spd, whitened_svd, whitening
 
 
 GU = ("gate", "up")

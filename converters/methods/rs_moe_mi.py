@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from .errors import ConvertError
+from ..errors import ConvertError
 
 
 def pool_windows(hidden: list[torch.Tensor], window: int) -> torch.Tensor:

@@ -27,11 +27,11 @@ from pydantic import Field
 
 from vllm_moe_lowrank.format import Act, DenseTerm, LayerSpec, LowRankTerm, ProjSpec, apply_act
 
-from .budget import layer_budget
-from .calibration import LayerCalibration
-from .errors import RatioError
-from .experts import ExpertWeights
-from .method import CompressedLayer, Damp, Method, MethodSettings, Shrink
+from ..budget import layer_budget
+from ..calibration import LayerCalibration
+from ..errors import RatioError
+from ..experts import ExpertWeights
+from ..method import CompressedLayer, Damp, Method, MethodSettings, Shrink
 
 
 AUTO_DOWN_RATIO = 1 / 3  # down=auto: the largest ratio at which down stays dense (gate/up keep ≥ 1/2)

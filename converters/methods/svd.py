@@ -11,12 +11,12 @@ import torch
 
 from vllm_moe_lowrank.format import PROJS, LayerSpec, LowRankTerm, ProjSpec
 
-from .budget import layer_budget, top_up_ranks
-from .calibration import LayerCalibration
-from .errors import RatioError
-from .experts import ExpertWeights
-from .method import CompressedLayer, Damp, Method, MethodSettings, Shrink
-from .whitening import whitened_svd, whitening
+from ..budget import layer_budget, top_up_ranks
+from ..calibration import LayerCalibration
+from ..errors import RatioError
+from ..experts import ExpertWeights
+from ..method import CompressedLayer, Damp, Method, MethodSettings, Shrink
+from ..whitening import whitened_svd, whitening
 
 
 class SVDSettings(MethodSettings):

@@ -27,13 +27,13 @@ from pydantic import Field
 from vllm_moe_lowrank.format import (PROJS, BaseTerm, DenseTerm, LayerSpec, LowRankTerm, ProjSpec,
                                      UnitSplit)
 
-from .budget import layer_budget
-from .calibration import LayerCalibration
-from .errors import RatioError
-from .experts import ExpertWeights
-from .method import CompressedLayer, Damp, Method, MethodSettings, Shrink
+from ..budget import layer_budget
+from ..calibration import LayerCalibration
+from ..errors import RatioError
+from ..experts import ExpertWeights
+from ..method import CompressedLayer, Damp, Method, MethodSettings, Shrink
 from .rs_moe_mi import mine_mi, pca_features, pool_windows, qp_save_ratios, redundancy
-from .whitening import regularize_gram, whitened_svd, whitening
+from ..whitening import regularize_gram, whitened_svd, whitening
 
 _BLOCK = 1 << 24  # floats in one chunk of the downstream-alignment product
 

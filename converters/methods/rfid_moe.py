@@ -29,12 +29,12 @@ from pydantic import Field
 
 from vllm_moe_lowrank.format import PROJS, DenseTerm, LayerSpec, LowRankTerm, ProjSpec, ResidualTerm, bucket_projection
 
-from .budget import layer_budget
-from .calibration import LayerCalibration
-from .errors import ConvertError, RatioError
-from .experts import ExpertWeights
-from .method import CompressedLayer, Damp, Method, MethodSettings, Shrink
-from .whitening import solve_spd, whitening
+from ..budget import layer_budget
+from ..calibration import LayerCalibration
+from ..errors import ConvertError, RatioError
+from ..experts import ExpertWeights
+from ..method import CompressedLayer, Damp, Method, MethodSettings, Shrink
+from ..whitening import solve_spd, whitening
 
 GU = ("gate", "up")
 XI_GRID = (0.0, 0.2, 0.5, 0.8, 1.0)  # ξ candidates of xi_select=calib
