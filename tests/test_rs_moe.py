@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_moe_lowrank.converters import rs_moe
+from vllm_moe_lowrank.converters.methods import rs_moe
 from vllm_moe_lowrank.converters.arch import MoEArch
 from vllm_moe_lowrank.converters.calibration import LayerCalibration
 from vllm_moe_lowrank.converters.errors import ConvertError, RatioError
