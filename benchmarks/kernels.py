@@ -346,6 +346,8 @@ def run(args) -> dict:
                             else (ours <= gmm if M >= 2048 else None)
                     rows.append(row)
                     print(_fmt(row))
+            if args.out and not args.smoke:  # a time-capped run keeps what it measured
+                args.out.write_text(json.dumps(dict(partial=True, rows=rows), indent=1) + "\n")
     return dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()})",
                 smoke=bool(args.smoke), torch=torch.__version__, triton=triton.__version__,
                 copy_bandwidth_GBps=None if math.isnan(bw) else bw / 1e9,
