@@ -22,6 +22,9 @@ and 8), here with ``--requests`` 2 × ``--max-tokens`` 64:
 
     python benchmarks/serve_throughput.py --synth qwen3-30b --methods svd rs-moe --ratio 0.3 --requests 2 \
         --max-tokens 64      -> benchmarks/results/serve_qwen3_30b_synth.json
+
+``--synth mixtral-8x7b``: one Mixtral-8x7B-shaped decoder layer (hidden 4096, 8 experts of 14336, top-2, 32 heads /
+8 KV heads of 128; 2.8 GB of bf16 experts) in the same Qwen3-MoE container, served the same way.
 """
 
 from __future__ import annotations
@@ -46,7 +49,10 @@ from quality import CACHE, FIXTURE, RESULTS, machine  # noqa: E402
 
 START_TIMEOUT = 600
 SYNTH = {"qwen3-30b": dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
-                           num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144)}
+                           num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144),
+         "mixtral-8x7b": dict(hidden_size=4096, moe_intermediate_size=14336, num_experts=8, num_experts_per_tok=2,
+                              num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=14336)}
+SYNTH_LAYERS = {"qwen3-30b": 2, "mixtral-8x7b": 1}  # decoder layers (one Mixtral layer is 2.8 GB of experts)
 
 
 def synth_checkpoint(name: str, method: str, ratio: float) -> tuple[Path, float]:
@@ -67,7 +73,7 @@ def synth_checkpoint(name: str, method: str, ratio: float) -> tuple[Path, float]
     root = CACHE / f"synth-{name}"
     src = root / "dense"
     if not (src / "config.json").is_file():
-        build(src, 2, **SYNTH[name])
+        build(src, SYNTH_LAYERS[name], **SYNTH[name])
     if method == "dense":
         return src, 0.0
     out = root / f"{method}-{ratio}"
@@ -228,7 +234,8 @@ def synth_main(a) -> None:
         model = method if method == "dense" else f"{method} {a.ratio}"
         for r in measure(path, method, a, "bfloat16", a.stream_counts):
             runs.append({"model": model, "method": method, "achieved_ratio": round(achieved, 4), **r})
-    settings = {"model": f"synthetic {a.synth} (2 layers, {SYNTH[a.synth]})", "stream_counts": a.stream_counts,
+    settings = {"model": f"synthetic {a.synth} ({SYNTH_LAYERS[a.synth]} layers, {SYNTH[a.synth]})",
+                "stream_counts": a.stream_counts,
                 "requests": a.requests, "max_tokens": a.max_tokens, "prompt_words": 48, "compile": a.compile,
                 "dtype": "bfloat16", "max_model_len": 512,
                 "env": {k: os.environ[k] for k in ("MOE_LOWRANK_KERNEL", "MOE_LOWRANK_CPU_THREADS") if k in os.environ}}

@@ -120,6 +120,79 @@ void run_task(const float* in, int64_t ld_in, float* out, int64_t ld_out, const 
   }
 }
 
+#ifdef __AVX512BF16__
+// bfloat16 weights on a CPU with AVX512-BF16: the inputs of a block of tokens are rounded to bfloat16 once (as the
+// torch path rounds every intermediate to the compute dtype), then VDPBF16PS multiplies 32 weight-input pairs per
+// instruction and accumulates in float32: no widening of the weights, a third of the instructions of the FMA loop.
+template <int NT>
+inline void dot_rows_dpbf16(const uint16_t* xb, int64_t kp, const uint16_t* w, int64_t k, float* acc) {
+  __m512 a[NT], b[NT];
+  for (int q = 0; q < NT; ++q) a[q] = b[q] = _mm512_setzero_ps();
+  int64_t kk = 0;
+  for (; kk + 64 <= k; kk += 64) {
+    const __m512i w0 = _mm512_loadu_si512(reinterpret_cast<const void*>(w + kk));
+    const __m512i w1 = _mm512_loadu_si512(reinterpret_cast<const void*>(w + kk + 32));
+    for (int q = 0; q < NT; ++q) {
+      const uint16_t* x = xb + q * kp + kk;
+      a[q] = _mm512_dpbf16_ps(a[q], (__m512bh)w0, (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x)));
+      b[q] = _mm512_dpbf16_ps(b[q], (__m512bh)w1,
+                              (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + 32)));
+    }
+  }
+  for (; kk < k; kk += 32) {  // the inputs are zero-padded to kp: only the weights need a mask
+    const int64_t left = k - kk;
+    const __mmask32 m = left >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << left) - 1);
+    const __m512i wv = _mm512_maskz_loadu_epi16(m, w + kk);
+    for (int q = 0; q < NT; ++q)
+      a[q] = _mm512_dpbf16_ps(a[q], (__m512bh)wv,
+                              (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(xb + q * kp + kk)));
+  }
+  for (int q = 0; q < NT; ++q) acc[q] = _mm512_reduce_add_ps(_mm512_add_ps(a[q], b[q]));
+}
+
+// rows [nt, k] of float32 (row stride ld) -> bfloat16 [nt, kp], round to nearest even, zero-padded to kp
+inline void to_bf16_rows(const float* x, int64_t ld, int nt, int64_t k, int64_t kp, uint16_t* out) {
+  for (int q = 0; q < nt; ++q) {
+    for (int64_t kk = 0; kk < kp; kk += 32) {
+      const int64_t l0 = k - kk, l1 = k - kk - 16;
+      const __m512 lo = _mm512_maskz_loadu_ps(l0 >= 16 ? 0xffff : l0 > 0 ? (1u << l0) - 1 : 0, x + q * ld + kk);
+      const __m512 hi = _mm512_maskz_loadu_ps(l1 >= 16 ? 0xffff : l1 > 0 ? (1u << l1) - 1 : 0,
+                                              x + q * ld + kk + 16);
+      _mm512_storeu_si512(reinterpret_cast<void*>(out + q * kp + kk), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+}
+
+template <>
+void run_task<uint16_t>(const float* in, int64_t ld_in, float* out, int64_t ld_out, const int64_t* t,
+                        int64_t row0, int64_t rows) {
+  const int64_t o = t[3], k = t[4], ldw = t[5], in_off = t[6], out_off = t[7];
+  const bool accumulate = t[8] != 0;
+  const uint16_t* W = reinterpret_cast<const uint16_t*>(t[2]);
+  const int64_t kp = (k + 31) / 32 * 32;
+  thread_local std::vector<uint16_t> xb;
+  if (static_cast<int64_t>(xb.size()) < kTok * kp) xb.resize(kTok * kp);
+  float acc[kTok];
+  for (int64_t i0 = 0; i0 < rows; i0 += kTok) {
+    const int nt = static_cast<int>(rows - i0 < kTok ? rows - i0 : kTok);
+    to_bf16_rows(in + (row0 + i0) * ld_in + in_off, ld_in, nt, k, kp, xb.data());
+    for (int64_t j = 0; j < o; ++j) {
+      const uint16_t* w = W + j * ldw;
+      switch (nt) {
+        case 1: dot_rows_dpbf16<1>(xb.data(), kp, w, k, acc); break;
+        case 2: dot_rows_dpbf16<2>(xb.data(), kp, w, k, acc); break;
+        case 3: dot_rows_dpbf16<3>(xb.data(), kp, w, k, acc); break;
+        default: dot_rows_dpbf16<kTok>(xb.data(), kp, w, k, acc); break;
+      }
+      for (int q = 0; q < nt; ++q) {
+        float* po = out + (row0 + i0 + q) * ld_out + out_off + j;
+        *po = accumulate ? *po + acc[q] : acc[q];
+      }
+    }
+  }
+}
+#endif
+
 struct Buffers {
   float* xs; int64_t n;  // [P, n] the pairs' inputs
   float* t; int64_t rt;  // [P, rt] gate | up shrinks
