@@ -90,25 +90,41 @@ def dense_quick_ppl() -> float:
     return data["dense_quick_ppl"]
 
 
+def fp8_checkpoint_expert_bytes() -> int:
+    """Routed-expert bytes of the fixture as a block-FP8 checkpoint would store them (what an FP8 deployment serves):
+    1 byte per weight plus a float32 scale per 128×128 block (format.DENSE_FP8, DeepSeek-V3 / Qwen3-*-FP8 layout)."""
+    from vllm_moe_lowrank.converters.arch import detect
+
+    arch = detect(json.loads((FIXTURE / "config.json").read_text()))
+    n, m = arch.hidden_size, arch.intermediate_size
+    blocks = -(-n // 128) * -(-m // 128)
+    return len(arch.moe_layers) * 3 * arch.num_experts * (n * m + 4 * blocks)
+
+
 def table() -> str:
     rows = json.loads(OUT.read_text())["rows"]
+    fp8_ckpt = fp8_checkpoint_expert_bytes()
     by = {(r["method"], r["ratio"], r["factor_dtype"], r.get("protocol", "full")): r for r in rows}
     quick = f", {dense_quick_ppl():.2f} (quick)" if any(r.get("protocol") == "quick" for r in rows) else ""
     lines = [f"Dense bf16 fixture: perplexity {dense_ppl():.2f} (full){quick}. Expert bytes are relative to the dense bf16 experts "
              "(= the source here); FP8 scales and index tensors included.", "",
              "Protocol full: 128 × 256 calibration tokens, 16,384 held-out tokens; quick: 64 × 256 and 4,096.", "",
+             f"vs FP8 ckpt: written expert bytes against the same experts in block FP8 ({fp8_ckpt:,} bytes: 1 byte "
+             "per weight + a float32 scale per 128×128 block), what a user serving an FP8 checkpoint saves.", "",
              "| method | ratio | protocol | ppl bf16 factors | ppl FP8 factors | FP8 vs bf16 | expert bytes bf16 | "
-             "expert bytes FP8 | checkpoint bytes FP8 |", "|---|---|---|---|---|---|---|---|---|"]
+             "expert bytes FP8 | FP8 factors vs FP8 ckpt | bf16 factors vs FP8 ckpt | checkpoint bytes FP8 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, ratio, proto in sorted({(r["method"], r["ratio"], r.get("protocol", "full")) for r in rows}):
         b, f = by.get((m, ratio, "bfloat16", proto)), by.get((m, ratio, "fp8_e4m3", proto))
         if not b or not f:
             continue
         if "ppl" not in b or "ppl" not in f:
-            lines.append(f"| {m} | {ratio} | {proto} | infeasible | infeasible | - | - | - | - |")
+            lines.append(f"| {m} | {ratio} | {proto} | infeasible | infeasible | - | - | - | - | - | - |")
             continue
         change = 100 * (f["ppl"] / b["ppl"] - 1)
         lines.append(f"| {m} | {ratio} | {proto} | {b['ppl']:.2f} | {f['ppl']:.2f} | {change:+.2f}% | "
                      f"{b['expert_bytes_vs_bf16']:.3f}x | {f['expert_bytes_vs_bf16']:.3f}x | "
+                     f"{f['expert_bytes'] / fp8_ckpt:.3f}x | {b['expert_bytes'] / fp8_ckpt:.3f}x | "
                      f"{f['checkpoint_bytes_ratio']:.3f}x |")
     return "\n".join(lines)
 
@@ -119,12 +135,14 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     ap.add_argument("--quick", action="store_true", help="64 × 256 calibration, 4,096 held-out tokens")
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES,
+                    help="rerun only these factor dtypes (the other rows of a pair are kept)")
     ap.add_argument("--table-only", action="store_true")
     a = ap.parse_args()
     if not a.table_only:
         for m in a.methods:
             for ratio in a.ratios:
-                for dtype in DTYPES:
+                for dtype in a.dtypes:
                     row = run(m, ratio, dtype, a.backend, a.quick)
                     upsert(row)
                     print(json.dumps(row), flush=True)

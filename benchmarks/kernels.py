@@ -11,12 +11,17 @@ M ∈ {1, 8, 32, 64, 256, 2048, 8192} with uniform random top-k routing. Per row
   tensors they use, x and the routing) ÷ the measured device copy bandwidth (bytes read + written per second of a
   large device-to-device copy); ``dense_roofline_us`` the same for the dense layer.
 
+``--factor-dtype fp8_e4m3`` builds every compressed layer with FP8 factors and float32 per-row/per-rank scales
+(format v2; the kernels read the FP8 bytes and dequantize in their loads); rows carry ``factor_dtype`` and are
+compared with the same bf16 dense baseline, and ``--append`` keeps bf16 and FP8 rows side by side.
+
 Times are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``), so launch overhead is what a
 vLLM CUDA graph sees. Targets (printed): decode M ≤ 64 within 1.15× of the roofline and dense/ours ≥ 0.85/(1−ratio);
 prefill M ≥ 2048 not slower than dense.
 
     python benchmarks/kernels.py                       # everything -> benchmarks/results/kernels.json (GPU)
     python benchmarks/kernels.py --layers qwen3 --ratios 0.5 --ms 1 64 --out /tmp/k.json
+    python benchmarks/kernels.py --factor-dtype fp8_e4m3 --ms 1 8 64 512 --append   # FP8 rows, same file
     TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke --out /tmp/smoke.json   # CPU: does it still run?
 
 Needs torch + Triton (no vLLM); from a checkout it imports ./kernels directly when the package is not installed.
@@ -51,7 +56,7 @@ except ImportError:  # a plain checkout: the same package from ./kernels
 import triton  # noqa: E402
 
 from vllm_moe_lowrank.format import (FORMAT_VERSION, BaseTerm, DenseTerm, LayerSpec, LowRankTerm,  # noqa: E402
-                                     MoELowRankConfig, ProjSpec, ResidualTerm, UnitSplit)
+                                     MoELowRankConfig, ProjSpec, ResidualTerm, UnitSplit, quantize_rows, scale_axis)
 from vllm_moe_lowrank.kernels import LayerLayout, experts_forward  # noqa: E402
 from vllm_moe_lowrank.kernels import triton_forward  # noqa: E402
 
@@ -136,10 +141,15 @@ def method_spec(method: str, E: int, n: int, m: int, ratio: float) -> LayerSpec:
     raise ValueError(method)
 
 
-def make_cfg(spec: LayerSpec, E: int, n: int, m: int) -> MoELowRankConfig:
+FACTOR_DTYPES = ("bfloat16", "fp8_e4m3")
+
+
+def make_cfg(spec: LayerSpec, E: int, n: int, m: int, factor_dtype: str | None = None) -> MoELowRankConfig:
+    """``factor_dtype`` "fp8_e4m3": FP8 factors with scales; None / "bfloat16": factors in the activation dtype."""
+    fp8 = factor_dtype == "fp8_e4m3" and spec.method != "dense"
     return MoELowRankConfig(format_version=FORMAT_VERSION, method=spec.method, num_experts=E, hidden_size=n,
                             intermediate_size=m, moe_prefix="model.layers.{layer}.mlp.experts", moe_layers=[0],
-                            layers={0: spec})
+                            layers={0: spec}, factor_dtype="fp8_e4m3" if fp8 else None)
 
 
 def achieved_ratio(cfg: MoELowRankConfig) -> float:
@@ -158,7 +168,14 @@ def random_layer(cfg: MoELowRankConfig, dtype, dev, seed: int = 0, key: str = ""
             bufs[name].normal_(0, 1)
     for name, b in layout.blocks.items():  # scale each float block by 1/sqrt(fan-in); indices and mixes exact
         ts = b.spec
-        if ts.suffix == "res_bucket":
+        if ts.scale is not None:  # FP8: random block rounded with per-row / per-rank scales, as the converter does
+            w = torch.randn(ts.shape, device=dev) * ts.shape[-1] ** -0.5
+            q, sc = quantize_rows(w, scale_axis(ts.suffix))
+            layout.store(bufs, name, q)
+            layout.store(bufs, ts.scale, sc.to(dev))
+        elif ts.scale_of is not None:
+            continue
+        elif ts.suffix == "res_bucket":
             width = cfg.layers[0].proj(ts.proj).residual.width
             layout.store(bufs, name, torch.randint(0, width, ts.shape, generator=g, dtype=torch.int32))
         elif ts.suffix == "base_idx":
@@ -222,7 +239,8 @@ def compressed_bytes(layout: LayerLayout, plan, ids: torch.Tensor, x: torch.Tens
     total = x.numel() * elt + ids.numel() * (ids.element_size() + 4)
     for name, b in layout.blocks.items():
         ts = b.spec
-        size = b.numel * (4 if ts.dtype != "float" else elt)
+        felt = {"float": elt, "fp8": 1}.get(ts.dtype, 4)
+        size = b.numel * felt
         if ts.expert is not None:
             total += size if ts.expert in reps else 0
             continue
@@ -230,10 +248,10 @@ def compressed_bytes(layout: LayerLayout, plan, ids: torch.Tensor, x: torch.Tens
         lr, res = ps.lowrank, ps.residual
         if ts.suffix == "lr_v" and lr.right_groups is not None and plan.proj[ts.proj].lowrank.mode == "pair":
             gr = lr.group_ranks()
-            total += sum(gr[g] for g in {lr.right_groups[e] for e in reps}) * b.shape[1] * elt
+            total += sum(gr[g] for g in {lr.right_groups[e] for e in reps}) * b.shape[1] * felt
         elif ts.suffix == "lr_u" and lr.left_slots is not None:
             sr = lr.slot_ranks()
-            total += sum(sr[s] for s in {lr.left_slots[e] for e in reps}) * b.shape[0] * elt
+            total += sum(sr[s] for s in {lr.left_slots[e] for e in reps}) * b.shape[0] * felt
         elif ts.suffix == "res_bucket":
             total += len({res.groups[e] for e in reps}) * b.shape[1] * 4
         else:  # bases, a token-mode group factor, the down base: read whole
@@ -312,8 +330,9 @@ def run(args) -> dict:
             dense_times[M] = (gmm, ours_dense, dense_bytes(ids, x, E, n, m))
         for method in args.methods:
             for ratio in ratios:
-                cfg = make_cfg(method_spec(method, E, n, m, ratio), E, n, m)
+                cfg = make_cfg(method_spec(method, E, n, m, ratio), E, n, m, args.factor_dtype)
                 layout, bufs = random_layer(cfg, dtype, dev, key=f"bench.{lkey}.{method}.{ratio}")
+                fbytes = sum(t.numel() * t.element_size() for t in bufs.values())  # on the device, all tensors
                 ach = achieved_ratio(cfg)
                 for M in ms:
                     x, w, ids = routing(M, K, E, n, dtype, dev, seed=M)
@@ -332,7 +351,8 @@ def run(args) -> dict:
                     cbytes = compressed_bytes(layout, plan, ids, x)
                     ours = t[auto]
                     row = dict(layer=L["name"], method=method, ratio=ratio, achieved_ratio=round(ach, 4), M=M,
-                               path=auto, ours_us=ours, lowrank_us=t["lowrank"], dense_tile_us=t["dense_tile"],
+                               factor_dtype=args.factor_dtype, layer_bytes=fbytes,
+                               dense_layer_bytes=3 * E * n * m * x.element_size(), path=auto, ours_us=ours, lowrank_us=t["lowrank"], dense_tile_us=t["dense_tile"],
                                dense_us=gmm, dense_ours_us=ours_dense, bytes_read=cbytes, dense_bytes_read=dbytes,
                                roofline_us=None if args.smoke else cbytes / bw * 1e6,
                                dense_roofline_us=None if args.smoke else dbytes / bw * 1e6,
@@ -347,7 +367,8 @@ def run(args) -> dict:
                     rows.append(row)
                     print(_fmt(row))
             if args.out and not args.smoke:  # a time-capped run keeps what it measured
-                args.out.write_text(json.dumps(dict(partial=True, rows=rows), indent=1) + "\n")
+                args.out.write_text(json.dumps(dict(args.old, partial=True, rows=merge(args.old, rows)), indent=1)
+                                    + "\n")
     return dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()})",
                 smoke=bool(args.smoke), torch=torch.__version__, triton=triton.__version__,
                 copy_bandwidth_GBps=None if math.isnan(bw) else bw / 1e9,
@@ -361,13 +382,22 @@ def run(args) -> dict:
 
 def _fmt(r: dict) -> str:
     f = lambda v: "-" if v is None else f"{v:9.1f}"  # noqa: E731
-    s = (f"{r['layer'][:13]:13} {r['method']:8} {r['ratio']:.1f} M={r['M']:<5} {r['path']:10} ours {f(r['ours_us'])}"
+    fd = " fp8" if r.get("factor_dtype") == "fp8_e4m3" else ""
+    s = (f"{r['layer'][:13]:13} {r['method'] + fd:12} {r['ratio']:.1f} M={r['M']:<5} {r['path']:10}"
+         f" ours {f(r['ours_us'])}"
          f"  lowrank {f(r['lowrank_us'])}  dtile {f(r['dense_tile_us'])}  dense {f(r['dense_us'])}"
          f"  roof {f(r['roofline_us'])}")
     if "ours_over_roofline" in r:
         s += (f"  ours/roof {r['ours_over_roofline']:5.2f}  dense/ours {r['dense_over_ours']:5.2f}"
               f" (need {r['needed_dense_over_ours']:.2f})  {'' if r['target_met'] is None else 'OK' if r['target_met'] else 'MISS'}")
     return s
+
+
+def merge(old: dict, rows: list[dict]) -> list[dict]:
+    """``old``'s rows (an earlier run's file, ``--append``) that ``rows`` do not replace, then ``rows``."""
+    key = lambda r: (r["layer"], r["method"], r["ratio"], r["M"], r.get("factor_dtype", "bfloat16"))  # noqa: E731
+    new = {key(r) for r in rows}
+    return [r for r in old.get("rows", []) if key(r) not in new] + rows
 
 
 def main(argv=None) -> None:
@@ -377,22 +407,24 @@ def main(argv=None) -> None:
     ap.add_argument("--ratios", nargs="+", type=float)
     ap.add_argument("--ms", nargs="+", type=int)
     ap.add_argument("--out", type=Path, help=f"results JSON (default {OUT.relative_to(ROOT)}; --smoke: none)")
+    ap.add_argument("--factor-dtype", choices=FACTOR_DTYPES, default="bfloat16",
+                    help="the compressed layers' factors: bfloat16 = the activations' dtype (float32 with --smoke); "
+                         "fp8_e4m3 = FP8 data + float32 scales")
     ap.add_argument("--append", action="store_true", help="merge rows into an existing --out file")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (set TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
     random.seed(0)
-    res = run(args)
     out = args.out or (None if args.smoke else OUT)
+    args.out = out
+    args.old = json.loads(out.read_text()) if args.append and out is not None and out.exists() else {}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    res = run(args)
     if out is None:
         return
-    if args.append and out.exists():
-        old = json.loads(out.read_text())
-        key = lambda r: (r["layer"], r["method"], r["ratio"], r["M"])  # noqa: E731
-        new = {key(r) for r in res["rows"]}
-        res["rows"] = [r for r in old["rows"] if key(r) not in new] + res["rows"]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    res["rows"] = merge(args.old, res["rows"])
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
 

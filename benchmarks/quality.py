@@ -1,10 +1,12 @@
 """Quality sweep on the shared fixture: convert at several ratios, measure held-out perplexity, record JSON.
 
     python benchmarks/quality.py --method mobe --ratios 0.2 0.3 0.4 [--variant NAME -o key=value ...]
+        [--fixture qwen3-moe-perldocs]
 
 Every run uses the same calibration (fixtures/.../calib.txt, 128 × 256 tokens, seed 42, float32 factors) and the
 same evaluation (first 16,384 tokens of eval.txt in 256-token windows), so rows compare across methods. Results
-are upserted into benchmarks/results/quality_<method>.json, keyed by (variant, ratio), under a file lock (parallel
+are upserted into benchmarks/results/quality_<method>.json (another ``--fixture``: results/<fixture>/), keyed by
+(variant, ratio), under a file lock (parallel
 sweeps of one method keep each other's rows); a markdown table of the file (with the svd baseline and the dense
 model beside it) is printed. A ratio the method refuses is recorded as ``"status": "infeasible"`` with its reason.
 Each row also records the conversion's CPU time and peak RSS. ``--backend vllm`` scores through vLLM prompt
@@ -34,6 +36,23 @@ CACHE = ROOT / "benchmarks" / ".cache"
 CALIB = ["--calib-data", str(FIXTURE / "calib.txt"), "--num-samples", "128", "--seq-len", "256", "--seed", "42",
          "--dtype", "float32"]
 DENSE_PPL_KEY = "dense"
+DEFAULT_FIXTURE = FIXTURE
+
+
+def set_fixture(name: str | Path) -> Path:
+    """Point every step of this module at another bundled fixture (a folder name under fixtures/ or a path): its
+    calib.txt and eval.txt, and results in benchmarks/results/<fixture name>/ (the first fixture's stay where they
+    were)."""
+    global FIXTURE, RESULTS, CACHE, CALIB
+    path = Path(name) if Path(name).is_dir() else ROOT / "fixtures" / str(name)
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"quality.py: error: --fixture {name}: no fixture there ({path}/config.json missing)")
+    FIXTURE = path.resolve()
+    sub = "" if FIXTURE == DEFAULT_FIXTURE else FIXTURE.name
+    RESULTS = ROOT / "benchmarks" / "results" / sub if sub else ROOT / "benchmarks" / "results"
+    CACHE = ROOT / "benchmarks" / ".cache" / sub if sub else ROOT / "benchmarks" / ".cache"
+    CALIB = ["--calib-data", str(FIXTURE / "calib.txt"), *CALIB[2:]]
+    return FIXTURE
 
 
 def machine() -> str:
@@ -70,9 +89,9 @@ def measured_run(cmd: list[str], log: Path | None = None) -> dict:
             "wall_s": time.time() - t0, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": peak_bytes}
 
 
-def convert_cmd(method: str, ratio: float, out: Path, options: list[str], src: Path = FIXTURE) -> list[str]:
+def convert_cmd(method: str, ratio: float, out: Path, options: list[str], src: Path | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "vllm_moe_lowrank.converters.cli", "--method", method, "--ratio", str(ratio),
-           str(src), str(out), "--overwrite", *CALIB]
+           str(src or FIXTURE), str(out), "--overwrite", *CALIB]
     for o in options:
         cmd += ["-o", o]
     return cmd
@@ -126,16 +145,19 @@ def convert(method: str, ratio: float, out: Path, options: list[str] = ()) -> di
 
 
 def run_one(method: str, ratio: float, variant: str, options: list[str], backend: str = "transformers",
-            work: Path = CACHE) -> dict:
+            work: Path | None = None) -> dict:
     """Convert the fixture and measure held-out perplexity; an infeasible ratio gives a row saying so."""
-    out = work / f"{method}-{variant}-{ratio}"
+    out = (work or CACHE) / f"{method}-{variant}-{ratio}"
     row = {"method": method, "variant": variant, "options": options, "ratio": ratio,
            **convert(method, ratio, out, options)}
+    if CALIB[3] != "128":
+        row["calib_samples"] = int(CALIB[3])
     if row.get("status") == "infeasible":
         return row
     t0 = time.time()
     row["ppl"] = round(score(out, backend), 4)
     row["eval_s"] = round(time.time() - t0, 1)
+    row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if backend != "transformers":
         row["backend"] = backend
     shutil.rmtree(out)
@@ -143,8 +165,9 @@ def run_one(method: str, ratio: float, variant: str, options: list[str], backend
 
 
 @contextlib.contextmanager
-def locked(results: Path = RESULTS):
+def locked(results: Path | None = None):
     """Exclusive lock over the result files' read-modify-write (parallel sweeps)."""
+    results = results or RESULTS
     results.mkdir(parents=True, exist_ok=True)
     with open(results / ".lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -154,21 +177,23 @@ def locked(results: Path = RESULTS):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def upsert(method: str, row: dict, results: Path = RESULTS) -> None:
+def upsert(method: str, row: dict, results: Path | None = None) -> None:
     """Insert or replace the row of (variant, ratio) in quality_<method>.json, re-reading the file under the lock."""
+    results = results or RESULTS
     with locked(results):
         data = load(method, results)
         data["rows"] = [r for r in data["rows"] if (r["variant"], r["ratio"]) != (row["variant"], row["ratio"])]
         data["rows"].append(row)
         data["machine"] = machine()
+        data["fixture"] = FIXTURE.name
         f = results / f"quality_{method}.json"
         tmp = f.with_name(f.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, f)
 
 
-def load(method: str, results: Path = RESULTS) -> dict:
-    f = results / f"quality_{method}.json"
+def load(method: str, results: Path | None = None) -> dict:
+    f = (results or RESULTS) / f"quality_{method}.json"
     return json.loads(f.read_text()) if f.is_file() else {"method": method, "rows": []}
 
 
@@ -178,7 +203,9 @@ def dense_ppl() -> float:
         from vllm_moe_lowrank.evaluation.perplexity import perplexity
 
         ppl = perplexity(FIXTURE, FIXTURE / "eval.txt", backend="transformers")["ppl"]
-        f.write_text(json.dumps({"ppl": round(ppl, 4), "machine": machine()}, indent=2) + "\n")
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"ppl": round(ppl, 4), "machine": machine(), "fixture": FIXTURE.name}, indent=2)
+                     + "\n")
     return json.loads(f.read_text())["ppl"]
 
 
@@ -205,7 +232,14 @@ def main() -> None:
     ap.add_argument("-o", "--option", dest="options", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--fixture", default=DEFAULT_FIXTURE.name,
+                    help="bundled fixture (folder under fixtures/ or a path); results of another than the first go "
+                         "to benchmarks/results/<fixture>/")
+    ap.add_argument("--calib-samples", type=int, default=128,
+                    help="calibration sequences of 256 tokens (a smaller protocol is recorded in each row)")
     a = ap.parse_args()
+    set_fixture(a.fixture)
+    CALIB[3] = str(a.calib_samples)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not a.table_only:
         for ratio in a.ratios:

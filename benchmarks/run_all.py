@@ -5,13 +5,15 @@
     python benchmarks/run_all.py --check            # recompute the grid's rows aside, compare with the recorded
                                                     # perplexities (fails above 0.5%), write reproducibility.json
     python benchmarks/run_all.py --only table       # just rebuild the table, plot and README section
+    python benchmarks/run_all.py --fixture qwen3-moe-perldocs   # the grid on the second fixture (quality + table)
 
 Steps (``--only`` picks some): ``quality`` (the svd baseline and the four methods × ``--ratios``, default
-0.2 / 0.4 / 0.6 / 0.8, through benchmarks/quality.py: same calibration and windows for every row; a ratio a
+0.2 / 0.3 / 0.4 / 0.6 / 0.8, through benchmarks/quality.py: same calibration and windows for every row; a ratio a
 method refuses is recorded as infeasible with its stated limit), ``cost`` (benchmarks/convert_cost.py), ``serve``
 (benchmarks/serve_throughput.py), ``table`` (``moe-eval compare`` over the result files ->
 results/quality_table.{md,json,png}, the tables in benchmarks/README.md and README.md). ``--check`` is an extra
-step (alone, only it and the table run).
+step (alone, only it and the table run; first fixture only). ``--fixture``: another bundled fixture; only the
+quality and table steps run, into benchmarks/results/<fixture>/ (the READMEs keep the first fixture's table).
 Perplexity backend: transformers on the dense export (``--backend vllm`` scores through vLLM prompt logprobs;
 tests/test_eval.py shows the two agree).
 """
@@ -28,9 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402
 from convert_cost import CKPTS, METHODS  # noqa: E402  (its conversions use the quality rows' settings)
-from quality import CACHE, FIXTURE, RESULTS, ROOT, load, machine, run_one, score, upsert  # noqa: E402
+from quality import ROOT, load, machine, run_one, score, upsert  # noqa: E402
 
-RATIOS = [0.2, 0.4, 0.6, 0.8]
+RATIOS = [0.2, 0.3, 0.4, 0.6, 0.8]
 TOLERANCE = 0.005  # a rerun must reproduce every perplexity within 0.5%
 README = ROOT / "benchmarks" / "README.md"
 BEGIN, END = "<!-- results:begin (benchmarks/run_all.py) -->", "<!-- results:end -->"
@@ -61,8 +63,8 @@ def step_check(methods: list[str], ratios: list[float], backend: str) -> bool:
     from vllm_moe_lowrank.evaluation.perplexity import perplexity
 
     rows = []
-    dense_rec = json.loads((RESULTS / "quality_dense.json").read_text())["ppl"]
-    dense_new = perplexity(FIXTURE, FIXTURE / "eval.txt", backend="transformers")["ppl"]
+    dense_rec = json.loads((quality.RESULTS / "quality_dense.json").read_text())["ppl"]
+    dense_new = perplexity(quality.FIXTURE, quality.FIXTURE / "eval.txt", backend="transformers")["ppl"]
     rows.append({"method": "dense", "ratio": 0.0, "recorded": dense_rec, "rerun": round(dense_new, 4)})
     for m in methods:
         for x in ratios:
@@ -74,13 +76,13 @@ def step_check(methods: list[str], ratios: list[float], backend: str) -> bool:
                 achieved = json.loads((ckpt / "moe_lowrank_report.json").read_text())["achieved_ratio"]
                 new = {"ppl": round(score(ckpt, backend), 4), "achieved_ratio": round(achieved, 5)}
             else:
-                new = run_one(m, x, "default", [], backend, work=CACHE / "check")
+                new = run_one(m, x, "default", [], backend, work=quality.CACHE / "check")
             rows.append({"method": m, "ratio": x, "recorded": rec["ppl"], "rerun": new["ppl"],
                          "achieved_recorded": rec["achieved_ratio"], "achieved_rerun": new["achieved_ratio"]})
             print(json.dumps(rows[-1]), flush=True)
     for r in rows:
         r["rel_diff"] = abs(r["rerun"] / r["recorded"] - 1)
-    f = RESULTS / "reproducibility.json"
+    f = quality.RESULTS / "reproducibility.json"
     if f.is_file():  # rows of earlier checks (other methods / ratios) are kept unless recomputed now
         now = {(r["method"], r["ratio"]) for r in rows}
         rows += [r for r in json.loads(f.read_text())["rows"] if (r["method"], r["ratio"]) not in now]
@@ -96,8 +98,18 @@ def step_check(methods: list[str], ratios: list[float], backend: str) -> bool:
 def step_table() -> str:
     from vllm_moe_lowrank.evaluation.compare import compare
 
+    RESULTS = quality.RESULTS
     files = [RESULTS / "quality_dense.json"] + [RESULTS / f"quality_{m}.json" for m in METHODS
                                                 if (RESULTS / f"quality_{m}.json").is_file()]
+    if quality.FIXTURE != quality.DEFAULT_FIXTURE:  # a second fixture: its own tables, the READMEs untouched
+        cfg = json.loads((quality.FIXTURE / "config.json").read_text())
+        experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+        res = compare(files, RESULTS, "quality_table", title=f"Fixture {quality.FIXTURE.name} (Qwen3-MoE, {experts} "
+                      f"experts top-{cfg['num_experts_per_tok']}): held-out perplexity")
+        compare(files, RESULTS, "quality_table_all", variants="all",
+                title=f"Fixture {quality.FIXTURE.name}: every recorded variant (ablations dashed)")
+        print(res["markdown"])
+        return res["markdown"]
     res = compare(files, RESULTS, "quality_table", title="Fixture (Qwen3-MoE, 16 experts): held-out perplexity")
     compare(files, RESULTS, "quality_table_all", variants="all",
             title="Fixture: held-out perplexity, every recorded variant (ablations dashed)")
@@ -108,6 +120,9 @@ def step_table() -> str:
     missing = [f"{r['method']} {r['ratio']:g}" for r in _grid_gaps()]
     if missing:
         parts += ["", f"Not measured yet: {', '.join(missing)}."]
+    old = [f"{m} {x:g}" for m in METHODS for x in RATIOS if (r := recorded(m, x)) is not None and "date" not in r]
+    if old:  # rows carry the date they were measured from issue 15 on (new calibration defaults)
+        parts += ["", f"Measured before the current calibration defaults (not rerun): {', '.join(old)}."]
     for name, script in (("convert_cost.json", "convert_cost"), ("serve_throughput.json", "serve_throughput")):
         f = RESULTS / name
         if f.is_file():
@@ -136,7 +151,8 @@ def step_table() -> str:
     section = "\n".join(parts)
     _fill(README, section)
     plot = "![perplexity vs ratio](benchmarks/results/quality_table.png)"
-    _fill(ROOT / "README.md", f"{res['markdown']}\n\n{plot}")
+    note = f"\n\nMeasured before the current calibration defaults (not rerun): {', '.join(old)}." if old else ""
+    _fill(ROOT / "README.md", f"{res['markdown']}\n\n{plot}{note}")
     print(section)
     return section
 
@@ -163,9 +179,13 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="recompute recorded rows aside and compare (0.5%%)")
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     ap.add_argument("--cost-ratio", type=float, default=0.4)
+    ap.add_argument("--fixture", default=quality.DEFAULT_FIXTURE.name,
+                    help="bundled fixture (quality and table steps only; results in benchmarks/results/<fixture>/)")
     ap.add_argument("--serve-args", default="", help="extra arguments for serve_throughput.py, e.g. '--requests 2'")
     a = ap.parse_args()
     steps = a.only or ([] if a.check else ["quality", "cost", "serve", "table"])
+    if quality.set_fixture(a.fixture) != quality.DEFAULT_FIXTURE:
+        steps = [s for s in steps if s in ("quality", "table")]  # cost and serving stay on the first fixture
     ok = True
     py = [sys.executable]
     here = Path(__file__).resolve().parent
@@ -177,7 +197,7 @@ def main() -> None:
     if "serve" in steps:
         subprocess.run(py + [str(here / "serve_throughput.py"), "--methods", *a.methods, "--ratio",
                              str(a.cost_ratio), *a.serve_args.split()], check=True)
-    if a.check:
+    if a.check and quality.FIXTURE == quality.DEFAULT_FIXTURE:
         ok = step_check(a.methods, a.ratios, a.backend)
     if "table" in steps or a.check:
         step_table()

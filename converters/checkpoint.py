@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vllm_moe_lowrank.format import dequantize_blocks
+
 from .errors import CheckpointError, UnsupportedModelError
 from .output import writing
 
@@ -100,11 +102,7 @@ def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] 
     """``w · scale`` in float32, then cast: per [bm, bn] block (``block``) or one scale for the whole tensor.
 
     w: [..., out, in] float8_e4m3fn; scale: [..., ceil(out/bm), ceil(in/bn)] or a single element."""
-    if block is None:
-        return (w.float() * scale.float().reshape(())).to(dtype)
-    bm, bn = block
-    s = scale.float().repeat_interleave(bm, -2).repeat_interleave(bn, -1)  # [..., >= out, >= in]
-    return (w.float() * s[..., :w.shape[-2], :w.shape[-1]]).to(dtype)
+    return dequantize_blocks(w, scale, block, dtype)
 
 
 @dataclass(frozen=True)

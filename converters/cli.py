@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--export-dense", type=Path, metavar="DIR",
                     help="also write a plain HF checkpoint with the reconstructed dense experts")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and a memory estimate; write nothing")
+    ray = ap.add_argument_group("Ray cluster (pip install 'vllm-moe-lowrank[ray]'; docs/distributed.md)")
+    ray.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                     help="fit layers as Ray tasks on a running cluster (ADDRESS, e.g. head:6379) or, with auto, "
+                          "the one in $RAY_ADDRESS else a new local one; byte-identical output. With --dry-run: the "
+                          "task graph and a wall-time estimate")
+    ray.add_argument("--ray-transfer", default="path", choices=["path", "object-store"],
+                     help="how a task gets its layer's experts: read from CHECKPOINT on a filesystem every node "
+                          "sees (path, default) or sent through Ray's object store")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted conversion")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return ap

@@ -1,7 +1,8 @@
 """``--export-dense``: a plain HuggingFace checkpoint whose experts are the reconstructed dense weights.
 
 For transformers users, and as the reference the vLLM plugin is tested against. Streams one layer at a time.
-Non-expert FP8 layers (a checkpoint converted from an FP8 source) are written dequantized, without their scales.
+Non-expert FP8 layers (a checkpoint converted from an FP8 source) and the FP8 experts of MoE layers left dense
+(``dense_quantization``) are written dequantized, without their scales.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_moe_lowrank.format import PROJS, MoELowRankConfig, materialize_projection
+from vllm_moe_lowrank.format import PROJS, MoELowRankConfig, dense_weight, materialize_projection
 
 from .arch import FAMILIES, detect
 from .checkpoint import Checkpoint, copy_aux_files, save_shard, write_index, write_json
@@ -67,11 +68,7 @@ def _write(ckpt: Checkpoint, cfg: MoELowRankConfig, tmp: Path, dtype: torch.dtyp
     for file in sorted(set(by_file) | set(layers_of_file)):
         tensors = ckpt.get_dequantized(by_file.get(file, []))  # FP8 non-expert weights: weight · scale
         for layer in layers_of_file.get(file, []):
-            if layer in cfg.layers:
-                dense = _dense_layer(cfg, ckpt, layer, dtype)
-            else:
-                dense = ckpt.get_many(cfg.dense_tensor_specs(layer))
-            tensors.update(_source_layout(cfg, ckpt.config, layer, dense))
+            tensors.update(_source_layout(cfg, ckpt.config, layer, _dense_layer(cfg, ckpt, layer, dtype)))
         save_shard(tensors, tmp / file)
         weight_map.update({n: file for n in tensors})
     write_index(weight_map, sum(os.path.getsize(tmp / f) for f in set(weight_map.values())), tmp)
@@ -95,6 +92,14 @@ def _source_layout(cfg: MoELowRankConfig, config: dict, layer: int,
 
 
 def _dense_layer(cfg: MoELowRankConfig, ckpt: Checkpoint, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A MoE layer's dense expert weights: a compressed layer materialized, a dense-kept one as stored (its FP8
+    weights dequantized with their scales: ``dense_quantization``), in ``dtype``."""
+    if layer not in cfg.layers:
+        stored = ckpt.get_many(cfg.dense_tensor_specs(layer))
+        if cfg.dense_quantization is None:  # as stored (no float64 round trip)
+            return stored
+        return {cfg.tensor_name(layer, p, "weight", e): dense_weight(cfg, layer, p, e, stored.__getitem__, dtype)
+                for e in range(cfg.num_experts) for p in PROJS}
     stored = ckpt.get_many(cfg.tensor_specs(layer))
     return {cfg.tensor_name(layer, p, "weight", e): materialize_projection(cfg, layer, p, e, stored.__getitem__)
             .to(dtype).contiguous() for e in range(cfg.num_experts) for p in PROJS}

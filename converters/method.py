@@ -94,6 +94,19 @@ class Method:
         """Compress one MoE layer; None keeps it dense."""
         raise NotImplementedError
 
+    # --- optional: a layer's fit split by experts (moe-convert --ray runs the parts as tasks) -----------------
+    splits_experts: ClassVar[bool] = False  # True: compress_layer == merge_experts(fit_experts(groups...))
+
+    def fit_experts(self, layer: int, experts: list[int], weights: ExpertWeights,
+                    calib: LayerCalibration | None) -> Any:
+        """The part of the layer's fit that is independent per expert, for ``experts`` (a picklable result)."""
+        raise NotImplementedError
+
+    def merge_experts(self, layer: int, weights: ExpertWeights, calib: LayerCalibration | None,
+                      parts: list[Any]) -> CompressedLayer | None:
+        """Finish the layer from the ``fit_experts`` results of consecutive expert groups, in expert order."""
+        raise NotImplementedError
+
 
 METHODS = {  # CLI name -> module under vllm_moe_lowrank.converters.methods (converters/methods/)
     "svd": "svd",

@@ -33,11 +33,13 @@ from .arch import MoEArch, detect
 from .calib_data import read_documents, token_windows
 from .calibration import CalibOptions, LayerCalibration, dense_expert_fn, moe_output
 from .checkpoint import Checkpoint, copy_aux_files, save_shard, write_index, write_json
+from .distributed import check_cluster, make_fitter, task_graph
 from .errors import CalibDataError, CheckpointError, ConvertError
 from .experts import ExpertWeights, expert_tensor_names, load_expert_weights
 from .method import CompressedLayer, Method, MethodContext, build_method
-from .output import CONVERT_TMP, STATE_NAME, Staging, check_paths, open_staging, writing
-from .quantize import quantize_layer
+from .output import CONVERT_TMP, Staging, check_paths, open_staging
+from .progress import State as _State
+from .quantize import dense_fp8_tensors, dense_quant, quantize_layer
 from .runner import LayerRunner
 from .verify import bytes_summary, source_bytes, verify_checkpoint
 
@@ -72,6 +74,9 @@ class ConvertOptions(BaseModel):
     gram_weight: Literal["routing", "none"] = "routing"  # Grams Σ g²·x xᵀ (routing) or Σ x xᵀ
     shrink: Literal["smooth", "cliff"] = "smooth"  # Gram shrinkage toward the layer mean (calibration.py)
     down_fit: Literal["compressed", "dense"] = "compressed"  # down fitted on ĥ of the compressed gate/up, or on h
+    # where layers are fitted (distributed.py; not part of the fingerprint: the output is the same)
+    ray: str | None = None  # None: in this process; "auto" or a cluster address: as Ray tasks
+    ray_transfer: Literal["path", "object-store"] = "path"  # how a task gets its layer's experts
 
     @field_validator("device")
     @classmethod
@@ -100,30 +105,6 @@ class ConvertOptions(BaseModel):
 
 def _layer_shard(layer: int) -> str:
     return f"model-layer-{layer:05d}.safetensors"
-
-
-class _State:
-    """Progress of a conversion in ``<tmp>/.state``: done layers, their specs and reports, the plan, hidden states."""
-
-    def __init__(self, tmp: Path):
-        self.dir = tmp / STATE_NAME
-        with writing(self.dir):
-            self.dir.mkdir(parents=True, exist_ok=True)
-        self.file = self.dir / "progress.json"
-        self.data: dict[str, Any] = json.loads(self.file.read_text()) if self.file.is_file() else {"layers": {}}
-
-    def save(self) -> None:
-        write_json(self.data, self.file)
-
-    def save_hidden(self, hidden: list[torch.Tensor]) -> None:
-        tmp = self.dir / "hidden.pt.tmp"
-        with writing(tmp):
-            torch.save(hidden, tmp)
-            os.replace(tmp, self.dir / "hidden.pt")
-
-    def load_hidden(self) -> list[torch.Tensor] | None:
-        f = self.dir / "hidden.pt"
-        return torch.load(f, weights_only=True) if f.is_file() else None
 
 
 def _check_outputs(opts: ConvertOptions) -> None:
@@ -181,12 +162,21 @@ def _source_bytes(ckpt: Checkpoint, arch: MoEArch) -> tuple[int, int]:
 
 def _format_config(arch: MoEArch, method: str, ratio: float, layers: dict[int, Any],
                    achieved: float | None = None, linear_quantization: dict | None = None,
-                   factor_dtype: str | None = None) -> MoELowRankConfig:
+                   factor_dtype: str | None = None, dense_quantization=None) -> MoELowRankConfig:
     return MoELowRankConfig(
         format_version=FORMAT_VERSION, method=method, target_ratio=ratio, achieved_ratio=achieved,
         num_experts=arch.num_experts, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
         moe_prefix=arch.moe_prefix, expert_names=arch.expert_names, moe_layers=list(arch.moe_layers), layers=layers,
-        linear_quantization=linear_quantization, factor_dtype=factor_dtype)
+        linear_quantization=linear_quantization, factor_dtype=factor_dtype, dense_quantization=dense_quantization)
+
+
+def _dense_fp8(ckpt: Checkpoint, fit: dict[str, Any], dq) -> dict[str, Any]:
+    """A layer the method left dense, in an FP8 conversion (``dq``: its format.DenseQuant, else None): its experts
+    in FP8 with scales (quantize.dense_fp8_tensors: an FP8 source's own tensors copied). Idempotent."""
+    if dq is None or fit["spec"] is not None or "requantized" in fit:
+        return fit
+    tensors, requantized = dense_fp8_tensors(ckpt, fit["tensors"], dq)
+    return {**fit, "tensors": tensors, "requantized": requantized}
 
 
 def _open_source(opts: ConvertOptions) -> tuple[Checkpoint, MoEArch]:
@@ -298,13 +288,15 @@ def dry_run(opts: ConvertOptions) -> dict[str, Any]:
             "bytes": bytes_summary(arch.expert_params(), src_experts, src_total, planned,
                                    src_total - src_experts + planned),
             "calibration_tokens": tokens, "layers": method.dry_run(),
-            "peak_memory_estimate_gb": round(estimate / 1e9, 2)}
+            "peak_memory_estimate_gb": round(estimate / 1e9, 2),
+            **({"ray": task_graph(opts, ckpt, arch, method)} if opts.ray else {})}
 
 
 def convert(opts: ConvertOptions) -> dict[str, Any]:
     """Run a conversion; returns the report (also written as moe_lowrank_report.json)."""
     t_start = time.time()
     _check_outputs(opts)
+    check_cluster(opts)
     ckpt, arch = _open_source(opts)
     for layer in arch.moe_layers:  # every layer's experts present, and no more than config.json says (headers only)
         expert_tensor_names(ckpt, arch, layer)
@@ -343,20 +335,12 @@ def _convert_all(opts: ConvertOptions, ckpt: Checkpoint, arch: MoEArch, method: 
             state.save()
         method.load_plan(state.data["plan"])
 
-    hidden = state.load_hidden() if state.data["layers"] else None
-    if hidden is None:
-        hidden = embedded
-    del embedded
-    todo = [l for l in range(arch.num_layers) if str(l) not in state.data["layers"]]
-    for layer in tqdm(todo, desc=f"moe-convert {opts.method}", unit="layer", file=sys.stderr):
-        t0 = time.time()
-        entry, hidden = _convert_layer(ckpt, arch, method, runner, layer, hidden, out_dtype, tmp, opts.method,
-                                       opts)
-        entry["report"]["seconds"] = round(time.time() - t0, 3)
-        state.data["layers"][str(layer)] = entry
-        if runner and layer != arch.num_layers - 1:
-            state.save_hidden(hidden)
-        state.save()
+    fitter = make_fitter(opts, state.data.get("plan"),
+                         lambda layer, w, c: fit_layer(arch, method, layer, w, c, out_dtype), method)
+    try:
+        _run_layers(opts, ckpt, arch, runner, embedded, fitter, tmp, state)
+    finally:
+        fitter.close()
 
     report = _finish(opts, ckpt, arch, state, tmp, out_dtype)
     report["timings"] = {"total_s": round(time.time() - t_start, 3)}
@@ -384,10 +368,11 @@ def _forward_layer(runner: LayerRunner | None, arch: MoEArch, layer: int, weight
     return hidden, calib, None
 
 
-def _written_expert_fn(arch: MoEArch, method: str, layer: int, comp: CompressedLayer,
-                       tensors: dict[str, torch.Tensor]):
-    """expert_fn of the compressed experts exactly as written (after the cast), materialized once per layer."""
-    cfg = _format_config(arch, method, 0.5, {layer: comp.spec})
+def _written_expert_fn(arch: MoEArch, method: str, layer: int, spec, tensors: dict[str, torch.Tensor], dq=None):
+    """expert_fn of the compressed experts exactly as written (after the cast), materialized once per layer
+    (``spec``: the layer's spec, or the CompressedLayer holding it; None: a dense layer's FP8 experts, ``dq``)."""
+    cfg = (_format_config(arch, method, 0.5, {}, factor_dtype="fp8_e4m3", dense_quantization=dq) if spec is None
+           else _format_config(arch, method, 0.5, {layer: getattr(spec, "spec", spec)}))
     stack = {p: torch.stack([materialize_projection(cfg, layer, p, e, tensors.__getitem__).float()
                              for e in range(arch.num_experts)]) for p in PROJS}  # [E, out, in] float32
     return dense_expert_fn(stack["gate"], stack["up"], stack["down"])
@@ -406,47 +391,108 @@ def _plan_pass(ckpt: Checkpoint, arch: MoEArch, method: Method, runner: LayerRun
     return method.make_plan()
 
 
-def _convert_layer(ckpt: Checkpoint, arch: MoEArch, method: Method, runner: LayerRunner | None, layer: int,
-                   hidden: list[torch.Tensor], out_dtype: torch.dtype, tmp: Path, method_name: str,
-                   opts: ConvertOptions | None = None):
-    is_moe = layer in arch.moe_layers
-    weights = load_expert_weights(ckpt, arch, layer) if is_moe else None
-    propagate = is_moe and runner is not None and (opts is None or opts.propagate == "compressed")
-    hidden_in = hidden
-    hidden, calib, loaded = _forward_layer(runner, arch, layer, weights, hidden,
-                                           opts.calib_options() if opts else None, keep=propagate)
-    expert_names = set(expert_tensor_names(ckpt, arch, layer)) if is_moe else set()
+def _run_layers(opts: ConvertOptions, ckpt: Checkpoint, arch: MoEArch, runner: LayerRunner | None,
+                embedded: list[torch.Tensor], fitter, tmp: Path, state: _State) -> None:
+    """Every layer not done yet. The driver runs the calibration forward layer by layer; each MoE layer's fit goes
+    to ``fitter`` (distributed.py). With ``--propagate compressed`` the next layer's inputs need this layer's fit,
+    so the driver waits for it; data-free methods and ``--propagate dense`` leave up to ``fitter.capacity`` fits
+    in flight while the forward moves on. Hidden states are saved (for --resume) only when no fit is pending."""
+    done = state.data["layers"]
+    hidden, start = state.load_hidden() if runner and done else (None, 0)
+    if hidden is None:
+        hidden, start = list(embedded), 0
+    embedded.clear()  # the caller's list: only ``hidden`` holds calibration states from here (one layer's worth)
+    pending: dict[int, tuple[Any, float, list | None]] = {}  # layer -> (fit handle, start, tokens per expert)
+    dq = dense_quant(ckpt.source_quant) if _out_dtype(opts, ckpt) == torch.float8_e4m3fn else None
+    bar = tqdm(total=arch.num_layers - len(done), desc=f"moe-convert {opts.method}", unit="layer", file=sys.stderr)
+
+    def write(layer: int, fit: dict[str, Any] | None, t0: float, counts: list | None) -> None:
+        _write_layer(ckpt, arch, layer, fit and _dense_fp8(ckpt, fit, dq), counts, tmp, state, t0)
+        bar.update()
+
+    try:
+        for layer in range(start, arch.num_layers):
+            is_moe, skip = layer in arch.moe_layers, str(layer) in done
+            if skip and runner is None:
+                continue
+            t0 = time.time()
+            weights = load_expert_weights(ckpt, arch, layer) if is_moe and (runner or not opts.ray) else None
+            propagate = is_moe and runner is not None and opts.propagate == "compressed" and not skip
+            hidden_in = hidden
+            hidden, calib, loaded = _forward_layer(runner, arch, layer, weights, hidden, opts.calib_options(),
+                                                   keep=propagate)
+            if skip:  # resumed behind a dense propagation that ran ahead of its fits: forward only
+                continue
+            counts = calib.counts().tolist() if calib is not None else None
+            last = layer == arch.num_layers - 1
+            if not is_moe:
+                if runner and not last and not pending:  # recorded by write's save, together with this layer
+                    state.save_hidden(hidden, layer + 1)
+                write(layer, None, t0, None)
+            elif loaded is None:
+                pending[layer] = (fitter.submit(layer, weights, calib), t0, counts)
+            else:  # next layer's inputs: this layer with its experts as written
+                fit = _dense_fp8(ckpt, fitter.result(fitter.submit(layer, weights, calib, split=True)), dq)
+                if fit["spec"] is not None or fit.get("requantized"):  # FP8-rounded dense layers as well
+                    del hidden
+                    expert_fn = _written_expert_fn(arch, opts.method, layer, fit["spec"], fit["tensors"], dq)
+                    hidden = runner.rerun_layer(*loaded, expert_fn, hidden_in)
+                runner.release_layer(layer)
+                if not last and not pending:  # recorded by write's save, together with this layer
+                    state.save_hidden(hidden, layer + 1)
+                write(layer, fit, t0, counts)
+            del hidden_in, weights, calib, loaded
+            while pending and (len(pending) > fitter.capacity or last):
+                l = fitter.wait_any({l: h for l, (h, _, _) in pending.items()})
+                handle, t_l, counts_l = pending.pop(l)
+                write(l, fitter.result(handle), t_l, counts_l)
+            if runner and not pending and not last and state.data.get("hidden_for") != layer + 1:
+                state.save_hidden(hidden, layer + 1)  # fits that ran alongside are all written: a resume point
+                state.save()
+    finally:  # before any error message: the bar ends its line
+        bar.close()
+
+
+def fit_layer(arch: MoEArch, method: Method, layer: int, weights: ExpertWeights, calib: LayerCalibration | None,
+              out_dtype: torch.dtype, parts: list | None = None) -> dict[str, Any]:
+    """Fit one MoE layer: {"spec": its format spec (JSON; None: kept dense), "tensors": what is written for its
+    experts, "report": its report entry}. The one code path of the serial converter and of a Ray task (``parts``:
+    the ``Method.fit_experts`` results of expert groups fitted as separate tasks)."""
+    comp = (method.merge_experts(layer, weights, calib, parts) if parts
+            else method.compress_layer(layer, weights, calib))
+    report: dict[str, Any] = {"status": "dense"}
+    if comp is None:
+        return {"spec": None, "tensors": _dense_expert_tensors(arch, layer, weights), "report": report}
+    tensors = _cast_layer(arch, method.name, layer, comp, out_dtype, weights, calib)
+    comp.tensors.clear()  # the cast copies are what gets written; free the method's originals
+    params = sum(t.numel() for n, t in tensors.items()
+                 if t.is_floating_point() and not n.endswith(SCALE_SUFFIX))  # FP8 scales: bytes only
+    report = {"status": "compressed", **comp.info,
+              "ranks": {p: comp.spec.proj(p).lowrank.ranks for p in PROJS if comp.spec.proj(p).lowrank},
+              "params": params,
+              "layer_ratio": 1 - params / (3 * arch.num_experts * arch.hidden_size * arch.intermediate_size),
+              **_layer_errors(arch, method.name, layer, comp, tensors, weights, calib)}
+    return {"spec": comp.spec.model_dump(mode="json"), "tensors": tensors, "report": report}
+
+
+def _write_layer(ckpt: Checkpoint, arch: MoEArch, layer: int, fit: dict[str, Any] | None, counts: list | None,
+                 tmp: Path, state: _State, t0: float) -> None:
+    """Write layer ``layer``'s shard (its non-expert tensors and the fitted experts) and record it as done."""
+    expert_names = set(expert_tensor_names(ckpt, arch, layer)) if layer in arch.moe_layers else set()
     prefix = f"model.layers.{layer}."
     tensors = ckpt.get_many(n for n in ckpt.tensors if n.startswith(prefix) and n not in expert_names)
-    spec, report = None, {"status": "dense"}
-    if is_moe:
-        comp = method.compress_layer(layer, weights, calib)
-        if comp is None:
-            tensors.update(_dense_expert_tensors(arch, layer, weights))
-        else:
-            expert_tensors = _cast_layer(arch, method_name, layer, comp, out_dtype, weights, calib)
-            comp.tensors.clear()  # the cast copies are what gets written; free the method's originals
-            tensors.update(expert_tensors)
-            if loaded is not None:  # next layer's inputs: this layer with its experts as written
-                del hidden
-                hidden = runner.rerun_layer(*loaded, _written_expert_fn(arch, method_name, layer, comp,
-                                                                        expert_tensors), hidden_in)
-            spec = comp.spec.model_dump(mode="json")
-            params = sum(t.numel() for n, t in expert_tensors.items()
-                         if t.is_floating_point() and not n.endswith(SCALE_SUFFIX))  # FP8 scales: bytes only
-            report = {"status": "compressed", **comp.info,
-                      "ranks": {p: comp.spec.proj(p).lowrank.ranks for p in PROJS if comp.spec.proj(p).lowrank},
-                      "params": params,
-                      "layer_ratio": 1 - params / (3 * arch.num_experts * arch.hidden_size * arch.intermediate_size),
-                      **_layer_errors(arch, method_name, layer, comp, expert_tensors, weights, calib)}
-        if calib is not None:
-            report["tokens_per_expert"] = calib.counts().tolist()
-    if loaded is not None:
-        runner.release_layer(layer)
-    del hidden_in
+    report = {"status": "dense"}
+    if fit is not None:
+        tensors.update(fit["tensors"])
+        report = fit["report"]
+        if counts is not None:
+            report["tokens_per_expert"] = counts
     shard = _layer_shard(layer)
     save_shard(tensors, tmp / shard)
-    return {"spec": spec, "report": report, "weight_map": {n: shard for n in tensors}}, hidden
+    report["seconds"] = round(time.time() - t0, 3)
+    state.data["layers"][str(layer)] = {"spec": fit and fit["spec"], "report": report,
+                                        "weight_map": {n: shard for n in tensors}}
+    state.save()
 
 
 def _finish(opts: ConvertOptions, ckpt: Checkpoint, arch: MoEArch, state: _State, tmp: Path,
@@ -464,12 +510,15 @@ def _finish(opts: ConvertOptions, ckpt: Checkpoint, arch: MoEArch, state: _State
     write_index(weight_map, total, tmp)
     copy_aux_files(ckpt.path, tmp)
 
-    layers = {int(l): e["spec"] for l, e in state.data["layers"].items() if e["spec"] is not None}
+    layers = {int(l): e["spec"] for l, e in sorted(state.data["layers"].items(), key=lambda kv: int(kv[0]))
+              if e["spec"] is not None}  # in layer order, however the fits completed
     config = dict(ckpt.config)
     linear = ckpt.source_quant.linear_quantization() if ckpt.source_quant else None  # FP8 non-expert layers
     config["quantization_config"] = _format_config(
         arch, opts.method, opts.ratio, layers, linear_quantization=linear,
-        factor_dtype=_factor_dtype_name(out_dtype)).model_dump(mode="json")
+        factor_dtype=_factor_dtype_name(out_dtype),
+        dense_quantization=dense_quant(ckpt.source_quant) if out_dtype == torch.float8_e4m3fn and len(layers) < len(
+            arch.moe_layers) else None).model_dump(mode="json")
     write_json(config, tmp / "config.json")
     _, counts = verify_checkpoint(tmp)
     config["quantization_config"]["achieved_ratio"] = round(counts.achieved_ratio, 6)

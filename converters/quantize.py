@@ -18,6 +18,10 @@ expert):
    rounded. With a units split (RS-MoE: experts store their units in a compact order the original weight does not
    have) gate/up refit against the unquantized term L₀R₀ instead of W, and down's left factor is only rounded.
    Without calibration G = I (plain least squares).
+
+MoE layers a method leaves dense are written in FP8 too (``dense_fp8_tensors``), in vLLM's fp8 layout
+(``format.DenseQuant``): an FP8 source's expert tensors and scales copied byte for byte, a float source's weights
+quantized in 128×128 blocks.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from typing import Any
 
 import torch
 
-from vllm_moe_lowrank.format import (PROJS, MoELowRankConfig, materialize_projection, quantize_rows,
-                                     right_factor, scale_axis)
+from vllm_moe_lowrank.format import (DENSE_FP8, PROJS, DenseQuant, MoELowRankConfig, materialize_projection,
+                                     quantize_blocks, quantize_rows, right_factor, scale_axis)
 
 from .calibration import LayerCalibration
+from .checkpoint import INPUT_SCALE, Checkpoint, SourceQuant
+from .errors import CheckpointError
 from .experts import ExpertWeights
 from .whitening import solve_spd
 
@@ -102,3 +108,41 @@ def quantize_layer(cfg: MoELowRankConfig, layer: int, tensors: dict[str, torch.T
     for name, t in pending.items():
         put(name, t)
     return out, {"fp8_refit": refits}
+
+
+# ----- MoE layers a method leaves dense --------------------------------------------------------------------------
+def dense_quant(source: SourceQuant | None) -> DenseQuant:
+    """FP8 layout of the dense-kept experts in an FP8 conversion: an FP8 source's own (its tensors are copied),
+    else 128×128 blocks (format.DENSE_FP8, what published FP8 MoE checkpoints use and vLLM's FP8 MoE method serves;
+    docs/format.md, "Dense-kept MoE layers")."""
+    if source is None:
+        return DENSE_FP8
+    return DenseQuant(activation_scheme=source.activation_scheme, weight_block_size=source.weight_block_size)
+
+
+def dense_fp8_tensors(ckpt: Checkpoint, dense: dict[str, torch.Tensor],
+                      dq: DenseQuant) -> tuple[dict[str, torch.Tensor], bool]:
+    """The experts of a layer left dense, as ``format.dense_tensor_specs`` with ``dense_quantization`` = dq, from
+    ``dense``: the layer's float expert weights by their format names (``<moe_prefix>.<e>.<proj>.weight``).
+
+    A weight the source stores in FP8 under the same name is copied byte for byte with its scale (and input scale);
+    any other one is quantized from its float weight with dq's blocks. Returns (tensors, whether any weight was
+    quantized here, i.e. differs from what the source computes)."""
+    out: dict[str, torch.Tensor] = {}
+    requantized = False
+    for name, w in dense.items():
+        stem = name.removesuffix("weight")
+        if name in ckpt and ckpt.is_fp8(name):
+            src = ckpt.get_many([name, ckpt.scale_name(name)])
+            out[name] = src[name]
+            out[stem + dq.scale_suffix] = src[ckpt.scale_name(name)].float().reshape(
+                dq.scale_shape(tuple(src[name].shape)))  # float32 already in published checkpoints: same bytes
+        else:
+            out[name], out[stem + dq.scale_suffix] = quantize_blocks(w, dq.weight_block_size)
+            requantized = True
+        if dq.activation_scheme == "static":
+            if stem + INPUT_SCALE not in ckpt:
+                raise CheckpointError(f"{ckpt.path}: {name!r} has no {INPUT_SCALE!r}, which static activation "
+                                      "quantization (activation_scheme 'static' in config.json) needs")
+            out[stem + INPUT_SCALE] = ckpt.get(stem + INPUT_SCALE).float().reshape(())
+    return out, requantized

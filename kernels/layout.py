@@ -16,8 +16,10 @@ their input (unit) columns; everything indexed by the hidden axis is replicated.
 
 FP8 factors (``factor_dtype = "fp8_e4m3"``): data blocks are float8_e4m3fn, their float32 ``*_scale`` tensors are
 blocks of their own buffers (``w13_lr_u_scale`` ...), narrowed with their data where the scale axis is the
-narrowed one, else replicated. ``LayerLayout.weight`` is the one accessor compute code uses: the stored view, or
-for FP8 data the dequantized tensor (q · scale in float32, then the compute dtype).
+narrowed one, else replicated. The Triton kernels read the FP8 blocks and their scales directly (dequantizing in
+their loads); ``LayerLayout.weight`` is the accessor every other compute path uses: the stored view, or for FP8
+data the dequantized tensor (q · scale in float32, then the compute dtype). ``dequantize_at_load`` replaces the FP8
+buffers with float copies once (the plugin does it on CPU, where no kernel reads FP8).
 """
 
 from __future__ import annotations
@@ -110,8 +112,9 @@ class LayerLayout:
     buffers: dict[str, tuple[int, str]] = field(init=False)  # name -> (numel, dtype class)
     units: dict[int, LocalUnits] = field(init=False)  # by global expert id
     bucket_counts: dict[str, torch.Tensor] = field(init=False, default_factory=dict)  # proj -> [G, width]
-    residual_shared: bool = field(init=False, default=False)
-    finalized: bool = field(init=False, default=False)  # up's residual input is gate's (same buckets)
+    residual_shared: bool = field(init=False, default=False)  # up's residual input is gate's (same buckets)
+    finalized: bool = field(init=False, default=False)
+    fp8_dequantized: bool = field(init=False, default=False)  # FP8 buffers replaced by float copies at load
 
     def __post_init__(self) -> None:
         cfg, layer = self.cfg, self.layer
@@ -200,7 +203,7 @@ class LayerLayout:
         float factors."""
         b = self.blocks[name]
         v = self.view(buffers, name)
-        if b.spec.scale is None:
+        if b.spec.scale is None or self.fp8_dequantized:
             return v
         w = dequantize(v, self.view(buffers, b.spec.scale), torch.float32, scale_axis(b.spec.suffix))
         lr = self.spec.proj(b.spec.proj).lowrank
@@ -210,12 +213,23 @@ class LayerLayout:
 
     @property
     def quantized(self) -> bool:
-        return self.cfg.quantized
+        """The buffers hold FP8 factors (False for float checkpoints and after ``dequantize_at_load``)."""
+        return self.cfg.quantized and not self.fp8_dequantized
+
+    def dequantize_at_load(self, buffers: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """After ``finalize``: float ``dtype`` copies of the FP8 buffers (``dequantized_buffers``), by name, to replace
+        them; from then on the layout is a float layout (``weight`` returns views, ``quantized`` is False). The scale
+        buffers stay (unused)."""
+        if not self.finalized or not self.quantized:
+            raise RuntimeError(f"moe_lowrank: layer {self.layer}: dequantize_at_load needs a finalized FP8 layout")
+        new = self.dequantized_buffers(buffers, dtype)
+        self.fp8_dequantized = True
+        return {n: new[n] for n, (_, d) in self.buffers.items() if d == "fp8"}
 
     def dequantized_buffers(self, buffers: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """``buffers`` with every FP8 buffer replaced by a ``dtype`` copy of its blocks as ``weight`` returns them
         (act applied to stored right factors, as finalize does for float ones); other buffers shared. For compute
-        paths that do not read FP8 themselves (the Triton kernels): costs the float factors' memory."""
+        paths that do not read FP8 themselves (the CPU paths): costs the float factors' memory."""
         out = dict(buffers)
         for buf, (numel, d) in self.buffers.items():
             if d != "fp8":

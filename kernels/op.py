@@ -6,7 +6,8 @@ C++/OpenMP GEMMs where the layer's terms allow, else ``cpu_forward``'s lean torc
 Triton path (``triton_forward``, CUDA-graph safe) registered for CUDA. Triton is imported on the first CUDA call
 only, so this module imports without Triton (and ``TRITON_INTERPRET`` can still be set before the kernels are
 defined). ``MOE_LOWRANK_KERNEL=torch`` sends CPU and CUDA calls to the torch path (debugging; on CUDA not
-capturable in CUDA graphs); FP8 factors and float64 always take it.
+capturable in CUDA graphs); float64 always takes it, and so do FP8 factors on CPU unless they were dequantized at
+load (the plugin does that on CPU; the Triton kernels read FP8 factors themselves).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ weighted by the router in float32. With a shared down base B (units "all": ``[n,
 (rounded to the activation dtype, as the torch path does before its GEMM) from the pairs' h rows — for a "lowrank"
 base through the static inverse table inv[f, c] (the compact low-rank index of original unit c in function f, −1
 when absent), i.e. the scatter of the stored ``base_idx`` done as a gather — and the combine multiplies it by B:
-one GEMM for the whole base term, once per token.
+one GEMM for the whole base term, once per token. An FP8 base is read as float8 and scaled by its row scales in
+registers (``load_w``); z stays in the activation dtype.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import triton_common as C
-from .triton_common import mm
+from .triton_common import load_w, mm
 from .triton_plan import Plan
 from .triton_sort import Sorted
 
@@ -54,7 +55,7 @@ def _base_z_kernel(W, POS, T, H, stride_h, BLOCK_FUNC, META, INV, Z, stride_z, z
 
 @triton.jit
 def _combine_kernel(YP, stride_yp, W, POS, T, N, Y, stride_y, Z, stride_z, BASE, base_off, base_stride, zwidth,
-                    K: tl.constexpr, HAS_BASE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+                    BASE_S, base_soff, K: tl.constexpr, Q: tl.constexpr, HAS_BASE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
                     F32: tl.constexpr):
     tok = tl.program_id(0) * BM + tl.arange(0, BM)
     tok_ok = tok < T
@@ -75,9 +76,10 @@ def _combine_kernel(YP, stride_yp, W, POS, T, N, Y, stride_y, Z, stride_z, BASE,
             cm = c < zwidth
             z = tl.load(Z + tok.to(tl.int64)[:, None] * stride_z + c[None, :], mask=tok_ok[:, None] & cm[None, :],
                         other=0.0)  # [BM, BC]
-            b = tl.load(BASE + base_off + cols[None, :] * base_stride + c[:, None], mask=cok[None, :] & cm[:, None],
-                        other=0.0)  # [BC, BN]
-            acc = mm(z, b, acc, F32)
+            b = load_w(BASE + base_off + cols[None, :] * base_stride + c[:, None], cok[None, :] & cm[:, None],
+                       BASE_S, base_soff, cols[None, :], cok[None, :], c[:, None], cm[:, None], Q,
+                       C.SK_BASE)  # [BC, BN]
+            acc = mm(z, b.to(z.dtype), acc, F32)
     tl.store(Y + tok.to(tl.int64)[:, None] * stride_y + cols[None, :], acc.to(Y.dtype.element_ty),
              mask=tok_ok[:, None] & cok[None, :])
 
@@ -88,10 +90,10 @@ def combine(yp: torch.Tensor, topk_weights: torch.Tensor, srt: Sorted, h: torch.
     T, K = topk_weights.shape
     w = topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
     bm, bn, bc = cfg["combine_bm"], cfg["bn_hidden"], cfg["bk"]
-    z = base = plan.dummy["f"]
+    z = base = base_s = plan.dummy["f"]
     if plan.base is not None:
-        base = plan.base_w
-        z = torch.empty(T, plan.base_width, dtype=base.dtype, device=out.device)  # [T, width]
+        base, base_s = plan.base_w, plan.base_s
+        z = torch.empty(T, plan.base_width, dtype=out.dtype, device=out.device)  # [T, width] activation dtype
         inv = plan.base_inv if plan.base == "lowrank" else plan.dummy["i"]
         _base_z_kernel[(triton.cdiv(T, bm), triton.cdiv(plan.base_width, bc))](
             w, srt.pos_of_pair, T, h, h.stride(0), srt.block_func, plan.meta, inv, z, z.stride(0), plan.base_width,
@@ -99,5 +101,5 @@ def combine(yp: torch.Tensor, topk_weights: torch.Tensor, srt: Sorted, h: torch.
     grid = (triton.cdiv(T, bm), triton.cdiv(plan.n, bn))
     _combine_kernel[grid](yp, yp.stride(0), w, srt.pos_of_pair, T, plan.n, out, out.stride(0),
                           z, z.stride(0) if z.dim() == 2 else 0, base, plan.base_off, plan.base_stride,
-                          plan.base_width, K=K, HAS_BASE=plan.base is not None, BM=bm, BN=bn, BC=bc, F32=cfg["f32"])
+                          plan.base_width, base_s, plan.base_soff, K=K, Q=plan.q, HAS_BASE=plan.base is not None, BM=bm, BN=bn, BC=bc, F32=cfg["f32"])
     return out

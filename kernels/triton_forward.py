@@ -15,6 +15,9 @@ Path choice (static): the dense-tile path when the expected rows per local funct
 ``DENSE_TILE_MIN_ROWS`` (environment ``MOE_LOWRANK_DENSE_TILE_MIN_ROWS``; provisional, unmeasured: see
 docs/kernels.md), else the low-rank path. Tokens are processed in chunks of ``CHUNK_TOKENS`` (static loop) to bound
 the workspace.
+
+FP8 factors (``factor_dtype = "fp8_e4m3"``) are read as stored: every kernel loads the float8 tile and multiplies it
+by its float32 scales in registers, accumulating in float32, so an FP8 layer keeps its FP8 bytes in GPU memory.
 """
 
 from __future__ import annotations
@@ -66,23 +69,6 @@ def make_config(T: int, K: int, plan: Plan, dtype: torch.dtype, path: str, devic
                 token_bn=64, combine_bm=16 if T <= 64 else 32, f32=dtype == torch.float32 or interpreting())
 
 
-def float_buffers(layout: LayerLayout, bufs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """FP8 factors for the kernels: dequantized once per (layer, device, dtype) on the first (eager) call and kept
-    (``layout.dequantized_buffers``; the kernels do not load FP8 themselves yet, so an FP8 layer costs float factor
-    memory on CUDA). Float layers: ``bufs`` unchanged."""
-    if not layout.quantized:
-        return bufs
-    cache = layout.__dict__.setdefault("_float_buffers", {})
-    key = (str(dtype), tuple(bufs[n].data_ptr() for n in layout.buffers))
-    if key not in cache:
-        dev = next(iter(bufs.values())).device
-        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"moe_lowrank: layer {layout.layer}'s FP8 factors were not dequantized before "
-                               "CUDA-graph capture; run one eager forward first (vLLM's warm-up does)")
-        cache[key] = layout.dequantized_buffers(bufs, dtype)
-    return cache[key]
-
-
 def get_plan(layout: LayerLayout, bufs: dict[str, torch.Tensor], topk: int, device: torch.device) -> Plan:
     plans = layout.__dict__.setdefault("_triton_plans", {})
     key = (str(device), topk, tuple(bufs[n].data_ptr() for n in layout.buffers))
@@ -108,7 +94,6 @@ def experts_forward_triton(layout: LayerLayout, bufs: dict[str, torch.Tensor], x
     out = torch.empty_like(x)  # [T, n] row-major, like x now
     if T == 0:
         return out
-    bufs = float_buffers(layout, bufs, x.dtype)
     plan = get_plan(layout, bufs, K, x.device)
     for t0 in range(0, T, CHUNK_TOKENS):
         t1 = min(T, t0 + CHUNK_TOKENS)

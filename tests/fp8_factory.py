@@ -48,16 +48,22 @@ def _quantize(w: torch.Tensor, block: tuple[int, int] | None) -> tuple[torch.Ten
     return q, s.float()
 
 
-def make_fp8(src: Path, fp8_out: Path, dequant_out: Path, block: tuple[int, int] | None = (128, 128)) -> Path:
-    """Write the FP8 checkpoint of float32 ``src`` to ``fp8_out``, its exact float copy to ``dequant_out``."""
+def make_fp8(src: Path, fp8_out: Path, dequant_out: Path, block: tuple[int, int] | None = (128, 128),
+             static: bool = False) -> Path:
+    """Write the FP8 checkpoint of float32 ``src`` to ``fp8_out``, its exact float copy to ``dequant_out``.
+    ``static`` (per-tensor only): static activation quantization, an ``input_scale`` beside every FP8 weight (a
+    made-up positive value per weight: the float copy, like vLLM on CPU, does not quantize activations)."""
+    assert not (static and block), "vLLM: block FP8 needs dynamic activations"
     tensors = load_file(src / "model.safetensors")
     fp8, dense = {}, {}
-    for name, t in tensors.items():
+    for i, (name, t) in enumerate(tensors.items()):
         quantized = name.startswith("model.layers.") and name.endswith(".weight") and t.dim() == 2
         if quantized and not _FLOAT.search(name):
             q, s = _quantize(t.float(), block)
             fp8[name] = q
             fp8[name.removesuffix("weight") + ("weight_scale_inv" if block else "weight_scale")] = s
+            if static:
+                fp8[name.removesuffix("weight") + "input_scale"] = torch.tensor(0.01 + 1e-4 * i)
             dense[name] = _dequantize(q, s, block)
         else:
             fp8[name] = dense[name] = t
@@ -71,7 +77,7 @@ def make_fp8(src: Path, fp8_out: Path, dequant_out: Path, block: tuple[int, int]
         c = dict(cfg)
         if qc:
             ignored = sorted({n.removesuffix(".weight") for n in tensors if ".mlp.gate.weight" in n} | {"lm_head"})
-            c["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+            c["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static" if static else "dynamic",
                                         "modules_to_not_convert": ignored,
                                         **({"weight_block_size": list(block)} if block else {})}
         (out / "config.json").write_text(json.dumps(c, indent=2))

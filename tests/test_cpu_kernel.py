@@ -92,3 +92,59 @@ def test_plan_follows_new_buffers():
     second = cpu_native.experts_forward_cpu(layout, bufs2, x, w, ids)
     torch.testing.assert_close(second, 2 * first, rtol=1e-4, atol=1e-5)
     check(second, experts_forward(layout, bufs2, x, w, ids), torch.float32)
+
+
+# ----- FP8 factors: dequantized once at load on CPU ------------------------------------------------------------------
+def fp8_layer(case: str):
+    from vllm_moe_lowrank.converters.quantize import quantize_layer
+
+    plain = make_cfg(case)
+    cfg = plain.model_copy(update={"factor_dtype": "fp8_e4m3"})
+    return cfg, quantize_layer(cfg, 1, random_tensors(plain), None, None)[0]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fp8_dequantized_at_load_matches_torch_path_on_fp8(case):
+    """``LayerLayout.dequantize_at_load`` (what the plugin does on CPU): the CPU op on the float copies (native where
+    the layer allows) gives the torch path's result on the FP8 buffers (dequantized per use)."""
+    cfg, tensors = fp8_layer(case)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, ids = inputs(dtype, tokens=37)
+        layout = LayerLayout(cfg, 1, key=f"test.cpu.fp8.{case}.{dtype}")
+        bufs = layout.new_buffers(dtype)
+        for name in layout.blocks:
+            layout.store(bufs, name, tensors[name])
+        bufs.update(layout.finalize(bufs))
+        ref = experts_forward(layout, bufs, x, w, ids)
+        new = layout.dequantize_at_load(bufs, dtype)
+        assert new and all(bufs[n].dtype == torch.float8_e4m3fn and t.dtype == dtype for n, t in new.items())
+        bufs.update(new)
+        assert not layout.quantized
+        assert cpu_native.supports(layout, bufs, dtype) == (case in NATIVE)
+        register_layout(layout)
+        check(moe_lowrank_experts(x, w, ids, layout, [bufs[n] for n in layout.tensor_names]), ref, dtype)
+        with pytest.raises(RuntimeError, match="needs a finalized FP8 layout"):
+            layout.dequantize_at_load(bufs, dtype)
+
+
+@pytest.mark.vllm
+def test_plugin_dequantizes_fp8_factors_at_load_on_cpu():
+    """The plugin's parameters: FP8 + float32 scales while loading (v2 checkpoint through vLLM's loaders), float
+    after process_weights_after_loading on CPU, and the layer computes the materialized FP8 layer."""
+    from test_kernels import reference
+    from test_plugin import FakeExperts, load_like_vllm
+
+    from vllm_moe_lowrank.plugin.method import MoELowRankMoEMethod
+
+    cfg, tensors = fp8_layer("mixed")
+    layer = FakeExperts(cfg.num_experts, cfg.hidden_size)
+    method = MoELowRankMoEMethod(cfg, 1, None)
+    method.create_weights(layer, cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, torch.float64)
+    assert layer.w13_lr_u.dtype == torch.float8_e4m3fn and layer.w13_lr_u_scale.dtype == torch.float32
+    load_like_vllm(method, layer, cfg, tensors)
+    method.process_weights_after_loading(layer)
+    assert layer.w13_lr_u.dtype == layer.w2_shared_base.dtype == torch.float64
+    x, w, ids = inputs(torch.float64)
+    # float32 dequantization and act (LayerLayout.weight) against the reference's float64 act: float32 rounding
+    torch.testing.assert_close(method.apply(layer, x, w, ids), reference(cfg, tensors, x, w, ids), rtol=1e-5,
+                               atol=1e-7)

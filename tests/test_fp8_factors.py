@@ -213,3 +213,46 @@ def test_convert_writes_fp8_and_counts_bytes(tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["factor_dtype"] == "fp8_e4m3" and plan["bytes"]["source_expert_bytes"] == b["source_expert_bytes"]
     assert abs(plan["bytes"]["expert_bytes_vs_bf16"] - 0.35) < 1e-3  # 0.7 of the params at 1 byte, scales aside
+
+
+# ----- MoE layers left dense in an FP8 conversion (format.DenseQuant) ---------------------------------------------
+def test_dense_kept_layer_of_a_float_source_in_128_blocks(tmp_path):
+    """A float source's dense-kept layer with FP8 factors: every expert weight in 128×128 blocks (partial edge blocks:
+    m = 200), scale shapes as dense_tensor_specs says, each block's values within e4m3 rounding of the float weight;
+    dense_weight / the materializer dequantize it; a dense_quantization without FP8 factors is refused."""
+    from safetensors.torch import save_file
+
+    from vllm_moe_lowrank.converters.checkpoint import Checkpoint
+    from vllm_moe_lowrank.converters.quantize import dense_fp8_tensors, dense_quant
+    from vllm_moe_lowrank.format import DENSE_FP8, DenseQuant, dense_weight
+
+    cfg = fp8_cfg("svd", n=136, m=200).model_copy(update={"dense_quantization": DENSE_FP8})
+    g = torch.Generator().manual_seed(3)
+    dense = {n: torch.randn(s.shape, generator=g, dtype=torch.float64) * torch.logspace(-2, 1, s.shape[1])
+             for n, s in cfg.dense_tensor_specs(0).items() if s.suffix == "weight"}
+    save_file({"model.norm.weight": torch.ones(4)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    assert dense_quant(None) == DENSE_FP8
+    out, requantized = dense_fp8_tensors(Checkpoint(tmp_path), dense, DENSE_FP8)
+    specs = cfg.dense_tensor_specs(0)
+    assert requantized and set(out) == set(specs)
+    for name, s in specs.items():
+        assert tuple(out[name].shape) == s.shape and out[name].dtype == s.torch_dtype, name
+    name = cfg.tensor_name(0, "down", "weight", 1)
+    assert specs[name + "_scale_inv"].shape == (2, 2) and specs[cfg.tensor_name(0, "up", "weight", 0)
+                                                                + "_scale_inv"].shape == (2, 2)
+    w, q, s = dense[name].float(), out[name], out[name + "_scale_inv"]
+    for i in range(2):  # independent block loop: scale = block amax / 448, values round to nearest e4m3
+        for j in range(2):
+            blk = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
+            assert torch.isclose(s[i, j], blk.abs().max() / 448)
+            back = q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].float() * s[i, j]
+            big = blk.abs() > s[i, j] * 2 ** -6
+            assert ((back - blk).abs() / blk.abs())[big].max() <= 2 ** -4 + 1e-6
+    got = dense_weight(cfg, 0, "down", 1, out.__getitem__)
+    torch.testing.assert_close(got, w, rtol=2 ** -4, atol=float(s.max()) * 2 ** -9)
+    assert torch.equal(materialize_projection(cfg, 0, "down", 1, out.__getitem__), got.double())
+    with pytest.raises(ValueError, match="dense_quantization needs factor_dtype fp8_e4m3"):
+        MoELowRankConfig.model_validate({**make_cfg("svd").model_dump(), "dense_quantization": DENSE_FP8.model_dump()})
+    with pytest.raises(ValueError, match="block FP8 needs activation_scheme dynamic"):
+        DenseQuant(activation_scheme="static", weight_block_size=(128, 128))

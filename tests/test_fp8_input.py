@@ -10,9 +10,13 @@ Two tiny checkpoints with hidden size 256, so that 128×128 blocks are real (par
 - DeepSeek-V3 block FP8 [128, 128] (FP8 MLA attention, shared expert, dense first layer): every method converts it;
   it is served at the MoE-layer level, like tests/test_vllm_deepseek.py, because vLLM's CPU MLA attention is not
   deterministic across runs (token-exact comparison is impossible there).
-- Qwen3-MoE per-tensor FP8: served end to end, greedy tokens equal transformers on the dense export.
-On this CPU (no AMX) vLLM has no FP8 linear kernel, so every FP8 linear layer must get the plugin's
-Fp8DequantLinearMethod and every float one (router gates) UnquantizedLinearMethod; a test asserts it per layer.
+- Qwen3-MoE per-tensor FP8 with static activation scales (``input_scale``): served end to end, greedy tokens equal
+  transformers on the dense export.
+Each is also converted with FP8 factors by moe-svd restricted to one MoE layer, so the other MoE layer is kept dense:
+its FP8 experts and scales (input scales too) are copied byte for byte (``dense_quantization``) and served by vLLM's
+FP8 MoE method — on this CPU (no AMX) the plugin's Fp8DequantMoEMethod. Likewise vLLM has no FP8 linear kernel here,
+so every FP8 linear layer must get the plugin's Fp8DequantLinearMethod and every float one (router gates)
+UnquantizedLinearMethod; the served tests assert the method of every linear and every MoE layer.
 """
 
 from __future__ import annotations
@@ -47,6 +51,13 @@ def convert(src, out, method: str, *extra: str) -> None:
     cli.main(["--method", method, "--ratio", "0.4", str(src), str(out), *METHODS.get(method, []), *CALIB, *extra])
 
 
+def convert_keeping_dense(root, layer: int) -> None:
+    """``fp8-msvd``: FP8 factors, moe-svd decomposing only MoE layer ``layer`` (the other MoE layer stays dense;
+    per-expert factors, ``share=false``: 3 s instead of 30 s), with its dense export ``fp8-msvd-dense``."""
+    convert(root / "fp8", root / "fp8-msvd", "moe-svd", "-o", f"layers={layer}", "-o", "share=false",
+            "--factor-dtype", "fp8_e4m3", "--export-dense", str(root / "fp8-msvd-dense"))
+
+
 @pytest.fixture(scope="module")
 def deepseek(tmp_path_factory):
     """(block-FP8 DeepSeek-V3, its dequantized copy, svd conversion of each, dense export of the FP8 one)."""
@@ -55,18 +66,20 @@ def deepseek(tmp_path_factory):
     make_fp8(src, root / "fp8", root / "deq", block=(128, 128))
     convert(root / "fp8", root / "fp8-svd", "svd", "--export-dense", str(root / "fp8-svd-dense"))
     convert(root / "deq", root / "deq-svd", "svd")
+    convert_keeping_dense(root, 2)  # layer 1 kept dense
     return root
 
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    """(per-tensor FP8 Qwen3-MoE, its dequantized copy, data-free svd conversions, dense export)."""
+    """(per-tensor static-activation FP8 Qwen3-MoE, its dequantized copy, data-free svd conversions, dense export)."""
     root = tmp_path_factory.mktemp("fp8-qwen")
     src = make_tiny_model("qwen3_moe", root / "src", **QWEN)
-    make_fp8(src, root / "fp8", root / "deq", block=None)
+    make_fp8(src, root / "fp8", root / "deq", block=None, static=True)
     for name in ("fp8", "deq"):
         convert(root / name, root / f"{name}-svd", "svd", "-o", "whiten=false",
                 *(["--export-dense", str(root / "fp8-svd-dense")] if name == "fp8" else []))
+    convert_keeping_dense(root, 1)  # layer 0 kept dense
     return root
 
 
@@ -80,7 +93,8 @@ def test_fp8_reads_as_its_dequantized_copy(which, request):
     root = request.getfixturevalue(which)
     fp8, deq = Checkpoint(root / "fp8"), Checkpoint(root / "deq")
     block = (128, 128) if which == "deepseek" else None
-    assert fp8.source_quant == SourceQuant(weight_block_size=block, ignored=fp8.source_quant.ignored)
+    assert fp8.source_quant == SourceQuant(weight_block_size=block, activation_scheme="dynamic" if block else "static",
+                                           ignored=fp8.source_quant.ignored)
     assert "lm_head" in fp8.source_quant.ignored and deq.source_quant is None
     assert fp8.scale_tensors == set(fp8.tensors) - set(deq.tensors)
     quantized = [n for n in deq.tensors if fp8.is_fp8(n)]
@@ -126,7 +140,7 @@ def test_conversion_equals_converting_the_dequantized_copy(which, request):
     src, out, ref = Checkpoint(root / "fp8"), Checkpoint(root / "fp8-svd"), Checkpoint(root / "deq-svd")
     cfg, _ = verify_checkpoint(out.path)
     q = src.config["quantization_config"]
-    assert cfg.linear_quantization == {"quant_method": "fp8", "activation_scheme": "dynamic",
+    assert cfg.linear_quantization == {"quant_method": "fp8", "activation_scheme": q["activation_scheme"],
                                        "weight_block_size": q.get("weight_block_size"),
                                        "ignored_layers": q["modules_to_not_convert"]}
     experts = set(cfg.all_expert_tensor_specs())
@@ -146,6 +160,57 @@ def test_conversion_equals_converting_the_dequantized_copy(which, request):
     assert set(dense.tensors) == set(deq.tensors)
     for n, t in dense.iter_tensors(n for n in dense.tensors if not n.startswith(prefixes)):
         assert torch.equal(t, deq.get(n)), n
+
+
+@pytest.mark.parametrize("which", ["deepseek", "qwen"])
+def test_dense_kept_layer_stays_fp8(which, request):
+    """FP8 factors: the MoE layer the method leaves dense keeps the source's FP8 experts, their scales and (static
+    activations) input scales byte for byte; the compressed layer's expert input scales are dropped; the dense
+    export holds the exact dequantized weights of the float copy."""
+    from vllm_moe_lowrank.format import DenseQuant
+
+    root = request.getfixturevalue(which)
+    src, out, deq = Checkpoint(root / "fp8"), Checkpoint(root / "fp8-msvd"), Checkpoint(root / "deq")
+    cfg, counts = verify_checkpoint(out.path)
+    q = src.config["quantization_config"]
+    assert cfg.factor_dtype == "fp8_e4m3" and len(cfg.layers) == 1
+    block = q.get("weight_block_size")
+    assert cfg.dense_quantization == DenseQuant(activation_scheme=q["activation_scheme"],
+                                                weight_block_size=tuple(block) if block else None)
+    (dense,) = cfg.dense_layers()
+    specs = cfg.dense_tensor_specs(dense)
+    static = q["activation_scheme"] == "static"
+    assert len(specs) == 3 * cfg.num_experts * (3 if static else 2)
+    for n in specs:
+        a, b = src.get(n), out.get(n)
+        assert a.dtype == b.dtype and torch.equal(_bytes(a), _bytes(b)), n
+    (comp,) = cfg.layers
+    assert not [n for n in out.tensors if n.startswith(cfg.prefix(comp) + ".") and n.endswith("input_scale")]
+    assert static == any(n.endswith("input_scale") for n in src.tensors if n.startswith(cfg.prefix(comp) + "."))
+    assert counts.expert_bytes == sum(s.nbytes(4) for s in cfg.all_expert_tensor_specs().values())
+    export = Checkpoint(root / "fp8-msvd-dense")
+    assert not export.scale_tensors
+    for n, t in export.iter_tensors(n for n in specs if n.endswith(".weight")):
+        assert torch.equal(t, deq.get(n)), n
+
+
+def test_dense_kept_layer_of_a_float_source_in_fp8(qwen, tmp_path):
+    """A float source with --factor-dtype fp8_e4m3: the dense-kept layer is quantized in 128×128 blocks
+    (format.DENSE_FP8; here [1, 2] blocks per gate/up [128, 256]), within e4m3 rounding of the float weights (the
+    conversion propagates through the layer with these FP8 experts: pipeline._dense_fp8)."""
+    from vllm_moe_lowrank.format import DENSE_FP8, dense_weight
+
+    out = tmp_path / "out"
+    convert(qwen / "src", out, "moe-svd", "-o", "layers=1", "-o", "share=false", "--factor-dtype", "fp8_e4m3")
+    cfg, _ = verify_checkpoint(out)
+    assert cfg.dense_quantization == DENSE_FP8 and cfg.dense_layers() == [0] and cfg.linear_quantization is None
+    ck, src = Checkpoint(out), Checkpoint(qwen / "src")
+    stored = ck.get_many(cfg.dense_tensor_specs(0))
+    name = cfg.tensor_name(0, "gate", "weight", 1)
+    assert stored[name].dtype == torch.float8_e4m3fn and stored[name + "_scale_inv"].shape == (1, 2)
+    w = src.get(name).float()
+    torch.testing.assert_close(dense_weight(cfg, 0, "gate", 1, stored.__getitem__), w, rtol=2 ** -4,
+                               atol=float(w.abs().max()) * 2 ** -9)
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "svd"])
@@ -267,19 +332,21 @@ def test_plugin_refuses_linear_quantization_vllm_cannot_serve(deepseek):
 @pytest.mark.vllm
 def test_deepseek_v3_block_fp8_served(deepseek):
     """Every FP8 linear layer (MLA projections, dense first MLP, shared experts) gets the load-time dequantizing
-    method, the router gates stay unquantized; each MoE block (shared expert in FP8 + compressed routed experts)
-    equals transformers' float64 block on the dense export for the inputs vLLM gave it."""
+    method, the router gates stay unquantized, the dense-kept block-FP8 MoE layer the dequantizing FP8 MoE method;
+    each MoE block (shared expert in FP8 + FP8 routed experts, compressed or dense-kept) equals transformers'
+    float64 block on the dense export for the inputs vLLM gave it."""
     from transformers import AutoModelForCausalLM
 
     import vllm_probe
     from test_vllm_deepseek import _greedy
     from test_vllm_offline import make_llm, shutdown
 
-    comp = deepseek / "fp8-svd"
+    comp = deepseek / "fp8-msvd"
     moe_layers = json.loads((comp / "config.json").read_text())["quantization_config"]["moe_layers"]
     llm = make_llm(comp, enforce_eager=True)
     try:
         methods = llm.apply_model(vllm_probe.linear_methods)[0]
+        _check_moe_methods(llm.apply_model(vllm_probe.expert_memory)[0], comp)
         assert llm.apply_model(vllm_probe.install_moe_hooks)[0] == len(moe_layers)
         outs = llm.generate(["def f(x):", "import numpy as np\n"], _greedy(8))
         records = llm.apply_model(vllm_probe.captured)[0]
@@ -288,7 +355,7 @@ def test_deepseek_v3_block_fp8_served(deepseek):
     _check_linear_methods(methods, Checkpoint(deepseek / "fp8"))
     assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
     assert {layer for layer, _, _ in records} == set(moe_layers)
-    hf = AutoModelForCausalLM.from_pretrained(deepseek / "fp8-svd-dense", dtype=torch.float64,
+    hf = AutoModelForCausalLM.from_pretrained(deepseek / "fp8-msvd-dense", dtype=torch.float64,
                                               experts_implementation="eager")
     worst = 0.0
     with torch.no_grad():
@@ -302,17 +369,19 @@ def test_deepseek_v3_block_fp8_served(deepseek):
 
 @pytest.mark.vllm
 def test_qwen3_per_tensor_fp8_served_token_exact(qwen):
-    """Greedy tokens equal transformers (float32) on the dense export, whose FP8 layers hold weight · scale."""
+    """Greedy tokens equal transformers (float32) on the dense export, whose FP8 layers hold weight · scale: the
+    static input scales are loaded (strict loading) and, with the weights dequantized on this CPU, not applied."""
     import vllm_probe
     from test_vllm_offline import greedy, make_llm, shutdown
     from vllm_cases import hf_greedy, prompt_ids
 
-    dense = qwen / "fp8-svd-dense"
+    dense = qwen / "fp8-msvd-dense"
     plain, _ = prompt_ids(dense)
     ref = hf_greedy(dense, plain)
-    llm = make_llm(qwen / "fp8-svd", enforce_eager=True)
+    llm = make_llm(qwen / "fp8-msvd", enforce_eager=True)
     try:
         methods = llm.apply_model(vllm_probe.linear_methods)[0]
+        _check_moe_methods(llm.apply_model(vllm_probe.expert_memory)[0], qwen / "fp8-msvd")
         got = greedy(llm, plain)
     finally:
         shutdown(llm)
@@ -332,3 +401,20 @@ def _check_linear_methods(methods: dict[str, str], src: Checkpoint) -> None:
         want = "Fp8DequantLinearMethod" if src.is_fp8(source) else "UnquantizedLinearMethod"
         assert method == want, f"{name}: {method}, expected {want}"
     assert {"Fp8DequantLinearMethod", "UnquantizedLinearMethod"} <= set(methods.values())
+
+
+def _check_moe_methods(memory: dict, comp) -> None:
+    """Each MoE layer's method: the plugin's for a compressed layer; for one kept dense in FP8, vLLM's FP8 MoE
+    method, which this CPU (no AMX) replaces by the dequantizing one, holding the dequantized weights."""
+    from vllm_moe_lowrank.format import MoELowRankConfig
+
+    cfg = MoELowRankConfig.from_hf_config(json.loads((comp / "config.json").read_text()))
+    assert cfg.dense_quantization is not None and cfg.dense_layers() and cfg.layers
+    got = {int(name.split(".layers.")[1].split(".")[0]): m for name, m in memory.items()}
+    assert set(got) == set(cfg.moe_layers)
+    for layer, m in got.items():
+        want = "MoELowRankMoEMethod" if layer in cfg.layers else "Fp8DequantMoEMethod"
+        assert m["method"] == want, f"layer {layer}: {m['method']}, expected {want}"
+        if layer not in cfg.layers:  # w13/w2 in the model dtype (float32), no FP8 scale left
+            assert {"w13_weight", "w2_weight"} <= set(m["params"]) and not [n for n in m["params"] if "scale" in n]
+            assert m["params"]["w13_weight"][1] == 4 * 2 * cfg.num_experts * cfg.intermediate_size * cfg.hidden_size

@@ -26,8 +26,11 @@ def make_cfg(case: str, seed: int = 0, E: int = E, n: int = N, m: int = M) -> Mo
                             layers={1: spec})
 
 
-def random_tensors(cfg: MoELowRankConfig, layer: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_tensors(cfg: MoELowRankConfig, layer: int = 1, seed: int = 0,
+                   device: str | None = None) -> dict[str, torch.Tensor]:
+    """Random tensors of a layer (valid indices); float ones float64 on the CPU, or float32 drawn on ``device``."""
     g = torch.Generator().manual_seed(seed)
+    gd = torch.Generator(device=device).manual_seed(seed) if device else None
     out = {}
     for name, ts in cfg.tensor_specs(layer).items():
         if ts.suffix == "res_bucket":
@@ -37,6 +40,8 @@ def random_tensors(cfg: MoELowRankConfig, layer: int = 1, seed: int = 0) -> dict
             out[name] = torch.randperm(cfg.intermediate_size, generator=g)[:ts.shape[0]].int()
         elif ts.suffix == "lr_mix":
             out[name] = torch.softmax(torch.randn(ts.shape, generator=g), 0)
+        elif device:
+            out[name] = torch.randn(ts.shape, generator=gd, device=device) / ts.shape[-1] ** 0.5
         else:
             out[name] = torch.randn(ts.shape, generator=g, dtype=torch.float64) / ts.shape[-1] ** 0.5
     return out

@@ -74,7 +74,8 @@ def test_out_of_range_options_are_refused_when_parsed():
 def test_options_parse_from_the_command_line_and_unknown_ones_are_listed():
     m = method(0.4, "layers=1, 2", "k_u=16", "share=true", "combine=mean", "selection=uniform")
     assert m.settings.layers == [1, 2] and m.settings.k_u == 16 and m.settings.combine == "mean"
-    assert not m.needs_plan_pass and method(0.4).needs_plan_pass
+    assert not m.needs_plan_pass and not method(0.4).needs_plan_pass  # default: every layer, no plan pass
+    assert method(0.4, "selection=measured").needs_plan_pass and method(0.4, "preset=paper").needs_plan_pass
     with pytest.raises(ConvertError, match="combine"):
         method(0.4, "combine=product")
     with pytest.raises(ConvertError, match="Valid options: selection"):
@@ -96,7 +97,7 @@ def test_measured_defaults_and_the_paper_preset():
     frequency-weighted V, per-expert down; preset=paper restores the paper's settings for options not given."""
     m = method(0.5)
     assert (m.k_u(16), m.v_source(), m.shared_projs()) == (16, "pooled", ("gate", "up"))
-    assert m.settings.selection == "measured" and m.settings.combine == "refit"
+    assert m.settings.combine == "refit" and m.fallback() and m.settings.selection == "uniform"
     p = method(0.5, "preset=paper")
     assert (p.k_u(16), p.v_source(), p.shared_projs()) == (4, "top", PROJS)
     assert p.settings.selection == "sensitivity" and p.settings.combine == "eq8"
@@ -224,7 +225,7 @@ def test_every_ablation_compresses_a_real_layer():
     calib = fake_calib(16, 192, T=2000, k=4)
     for opts in ([], ["combine=sum"], ["combine=mean"], ["combine=eq8"], ["combine=alg3"], ["k_u=16"],
                  ["k_u=1"], ["group_size=8", "k_u=2"], ["share=false"], ["preset=paper"]):
-        m = method(0.23, "layers=1", *opts)
+        m = method(0.23, "layers=1", *opts, *([] if "share=false" in opts else ["fallback=false"]))  # fallback: below
         m.check_feasible()
         comp = m.compress_layer(1, weights, calib)
         tensors = _cast_layer(ARCH, "moe-svd", 1, comp, torch.float32)  # names and shapes checked here
@@ -234,6 +235,28 @@ def test_every_ablation_compresses_a_real_layer():
         if "share=false" not in opts:
             lr = comp.spec.gate.lowrank
             assert lr.right_groups is not None and lr.left_slots is not None
+
+
+def test_fallback_keeps_the_fit_that_changes_the_moe_output_less():
+    """Default (measured preset): the shared fit and a per-expert SVD at the same budget are both scored on the
+    calibration tokens and the better one is kept; fallback=false (and preset=paper) always keep the shared fit."""
+    import dataclasses
+
+    from vllm_moe_lowrank.converters.methods.moe_svd import residual_error
+
+    arch = dataclasses.replace(ARCH, num_layers=4, moe_layers=(0, 1, 2, 3), num_experts=8, hidden_size=24,
+                               intermediate_size=20)
+    weights, calib = fake_weights(8, 24, 20, seed=1), fake_calib(8, 24, T=800, seed=1)
+    m = method(0.5, arch=arch)
+    comp = m.compress_layer(1, weights, calib)
+    info = comp.info["sharing_pays"]
+    mine = residual_error(m.arch, 1, comp, weights, calib, 1.0)
+    assert mine == pytest.approx(min(info["shared_rms_dy"], info["per_expert_rms_dy"]), rel=1e-6)
+    assert (comp.spec.gate.lowrank.right_groups is not None) == info["shared"]
+    shared = method(0.5, "fallback=false", arch=arch).compress_layer(1, weights, calib)
+    assert "sharing_pays" not in shared.info and shared.spec.gate.lowrank.right_groups is not None
+    assert residual_error(m.arch, 1, shared, weights, calib, 1.0) == pytest.approx(info["shared_rms_dy"], rel=1e-6)
+    assert not method(0.5, "preset=paper").fallback()
 
 
 def test_plan_pass_ranks_layers_and_round_trips_through_json():

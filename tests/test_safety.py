@@ -253,7 +253,7 @@ def test_disk_full_is_resumable(tmp_path, capsys, reference):
         with pytest.raises(OutputError, match=r"hidden\.pt\.tmp: cannot write \(.*MB free"):  # torch.save
             from vllm_moe_lowrank.converters.pipeline import _State
 
-            _State(disk / "out.moe-convert-tmp").save_hidden([torch.zeros(1 << 21)])
+            _State(disk / "out.moe-convert-tmp").save_hidden([torch.zeros(1 << 21)], 1)
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
         assert run(capsys, FIXTURE, disk / "out", "--resume")[0] == 0
         assert weights(disk / "out") == weights(reference)

@@ -16,7 +16,7 @@ import torch
 
 from specs import CASES
 from test_kernels import make_cfg, random_tensors, reference
-from vllm_moe_lowrank.format import FORMAT_VERSION, MoELowRankConfig
+from vllm_moe_lowrank.format import FORMAT_VERSION, MoELowRankConfig, float_getter
 from vllm_moe_lowrank.kernels import LayerLayout, experts_forward, moe_lowrank_experts, register_layout
 
 if importlib.util.find_spec("triton") is None:
@@ -208,6 +208,17 @@ def full_cfg(case: str, E: int = 128, n: int = 2048, m: int = 768, r: int = 128)
                             layers={1: spec})
 
 
+def _both_paths_match_torch_at_full_shape(layout, bufs) -> None:
+    """Both Triton paths against the torch path on a Qwen3-30B-shaped layer, decode and prefill token counts."""
+    for T in (1, 64, 2048):
+        x, w, ids = routing(T, 8, E=128, n=2048, seed=T, dtype=torch.bfloat16)
+        ref = experts_forward(layout, bufs, x, w, ids).double()
+        scale = ref.abs().max()
+        for path in ("lowrank", "dense_tile"):
+            got = triton_forward.experts_forward_triton(layout, bufs, x, w, ids, path=path).double()
+            assert (got - ref).abs().max() < 0.02 * scale, (T, path)
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -216,13 +227,7 @@ def test_full_shape_bf16(case):
     cfg = full_cfg(case)
     tensors = random_tensors(cfg)
     layout, bufs = loaded(cfg, tensors, torch.bfloat16)
-    for T in (1, 64, 2048):
-        x, w, ids = routing(T, 8, E=128, n=2048, seed=T, dtype=torch.bfloat16)
-        ref = experts_forward(layout, bufs, x, w, ids).double()
-        scale = ref.abs().max()
-        for path in ("lowrank", "dense_tile"):
-            got = triton_forward.experts_forward_triton(layout, bufs, x, w, ids, path=path).double()
-            assert (got - ref).abs().max() < 0.02 * scale, (T, path)
+    _both_paths_match_torch_at_full_shape(layout, bufs)
 
 
 @pytest.mark.gpu
@@ -259,18 +264,113 @@ def test_cuda_graph_capture_and_replay(case, T):
 
 
 # ----- FP8 factors (format version 2) ------------------------------------------------------------------------------
-@pytest.mark.parametrize("case,path", [*((c, "lowrank") for c in sorted(CASES)), ("mixed", "dense_tile"),
-                                       ("rs_moe", "dense_tile")])
-def test_fp8_factors(case, path):
-    """FP8 factors with their scales, every term kind: the Triton path (factors dequantized once per layer,
-    ``triton_forward.float_buffers``) equals the torch path (dequantized per use)."""
+def fp8_layer(case: str, seed: int = 0, refit: bool = True, device: str | None = None, **dims):
+    """(float cfg, FP8 cfg, FP8 tensors with scales); ``dims`` with r: a full-shape layer (``full_cfg``);
+    ``device``: drawn and quantized there (fast full shapes on a GPU)."""
     from vllm_moe_lowrank.converters.quantize import quantize_layer
 
-    plain = make_cfg(case, E=E, n=N, m=M)
+    dims = dims or dict(E=E, n=N, m=M)
+    plain = make_cfg(case, seed=seed, **dims) if "r" not in dims else full_cfg(case, **dims)
     cfg = plain.model_copy(update={"factor_dtype": "fp8_e4m3"})
-    tensors, _ = quantize_layer(cfg, 1, random_tensors(plain), None, None)
+    tensors, _ = quantize_layer(cfg, 1, random_tensors(plain, seed=seed, device=device), None, None, refit=refit)
+    return plain, cfg, tensors
+
+
+def dequantized(plain, cfg, tensors) -> dict[str, torch.Tensor]:
+    """The FP8 layer's tensors dequantized (float32), named as the float layer ``plain`` has them."""
+    get = float_getter(cfg, tensors.__getitem__)
+    return {name: get(name) for name in plain.tensor_specs(1)}
+
+
+def assert_reads_fp8(layout, bufs) -> None:
+    """The Triton plan points the kernels at the stored FP8 buffers (no float copy of any factor)."""
+    plan = triton_forward.get_plan(layout, bufs, 3, torch.device(DEV))
+    assert plan.q
+    fp8 = {n for n, (_, d) in layout.buffers.items() if d == "fp8"}
+    assert fp8 and all(bufs[n].dtype == torch.float8_e4m3fn for n in fp8)
+    read = [t for pp in plan.proj.values() for t in (pp.dense, pp.lowrank and pp.lowrank.u,
+                                                     pp.lowrank and pp.lowrank.v, pp.residual and pp.residual.eta)
+            if isinstance(t, torch.Tensor) and t.numel() > 1]
+    assert read and all(t.dtype == torch.float8_e4m3fn for t in read)
+
+
+@pytest.mark.parametrize("path", ["lowrank", "dense_tile"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fp8_factors(case, path):
+    """FP8 factors with their scales, every term kind (ragged ranks included): the kernels dequantize in their
+    loads and equal the torch path on the same FP8 factors, the Triton path on the dequantized float factors, and
+    the dense reference."""
+    plain, cfg, tensors = fp8_layer(case)
     x, w, ids = routing(9, 3)
+    assert_reads_fp8(*loaded(cfg, tensors, torch.float32))
     got, ref = both(cfg, tensors, x, w, ids, path=path)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    got_float, _ = both(plain, dequantized(plain, cfg, tensors), x, w, ids, path=path)
+    torch.testing.assert_close(got, got_float, rtol=1e-4, atol=1e-5)
+    dense = reference(cfg, tensors, x.cpu().double(), w.cpu(), ids.cpu()).to(DEV)
+    torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case,tp,ep,path", [("rs_moe", 2, 1, "lowrank"), ("mixed", 3, 1, "dense_tile"),
+                                             ("rfid", 2, 1, "lowrank"), ("moe_svd", 1, 2, "dense_tile")])
+def test_fp8_tp_ep_ranks_sum_to_the_materialized_layer(case, tp, ep, path):
+    """FP8 scales narrowed with their data (or replicated) under TP and selected under EP."""
+    _, cfg, tensors = fp8_layer(case, seed=2)
+    x, w, ids = routing(7, 3, seed=3)
+    got, ref = both(cfg, tensors, x, w, ids, tp=tp, ep=ep, path=path)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     dense = reference(cfg, tensors, x.cpu().double(), w.cpu(), ids.cpu()).to(DEV)
     torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["mixed", "rfid"])
+def test_fp8_factors_bfloat16(case):
+    """bf16 activations on FP8 factors (the tiles are dequantized in float32, then cast to bf16 for the product)."""
+    _, cfg, tensors = fp8_layer(case, seed=3)
+    x, w, ids = routing(9, 3, seed=4)
+    dense = reference(cfg, tensors, x.cpu().double(), w.cpu(), ids.cpu()).to(DEV)
+    for path in ("lowrank", "dense_tile"):
+        got, ref = both(cfg, tensors, x, w, ids, dtype=torch.bfloat16, path=path)
+        scale = dense.abs().max()
+        assert (got - dense).abs().max() < 0.05 * scale, path
+        assert (got - ref).abs().max() < 0.05 * scale, path
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", ["mixed", "rs_moe", "rfid", "mobe_identity"])  # every term kind and mode
+def test_full_shape_fp8(case):
+    """Qwen3-30B-A3B-shaped layer with FP8 factors: the FP8 buffers stay FP8 on the GPU (half the bf16 factor
+    bytes) and both paths match the torch path on the same factors, decode and prefill token counts."""
+    _, cfg, tensors = fp8_layer(case, refit=False, device=DEV, E=128, n=2048, m=768, r=128)
+    layout, bufs = loaded(cfg, tensors, torch.bfloat16)
+    assert_reads_fp8(layout, bufs)
+    _both_paths_match_torch_at_full_shape(layout, bufs)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", ["mixed", "rs_moe", "mobe"])
+def test_cuda_graph_capture_and_replay_fp8(case):
+    _, cfg, tensors = fp8_layer(case, refit=False, device=DEV, E=32, n=512, m=256, r=32)
+    layout, bufs = loaded(cfg, tensors, torch.bfloat16, key=f"test.graph.fp8.{case}")
+    register_layout(layout)
+    tlist = [bufs[n] for n in layout.tensor_names]
+    x, w, ids = routing(64, 4, E=32, n=512, seed=1, dtype=torch.bfloat16)
+    moe_lowrank_experts(x, w, ids, layout, tlist)  # warm-up: builds the plan, compiles the kernels
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        moe_lowrank_experts(x, w, ids, layout, tlist)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_lowrank_experts(x, w, ids, layout, tlist)
+    x2, w2, ids2 = routing(64, 4, E=32, n=512, seed=2, dtype=torch.bfloat16)
+    x.copy_(x2)
+    w.copy_(w2)
+    ids.copy_(ids2)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = experts_forward(layout, bufs, x2, w2, ids2)
+    assert (out.double() - ref.double()).abs().max() < 0.02 * ref.double().abs().max()

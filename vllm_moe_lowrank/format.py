@@ -19,8 +19,10 @@ Without ``units`` every term covers all ``m`` units.
 Factor dtype (format version 2): with ``factor_dtype = "fp8_e4m3"`` every float tensor of a compressed layer (all
 of the above except the float32 ``lr_mix`` and the int32 indices) is stored as ``float8_e4m3fn`` beside a float32
 ``<suffix>_scale`` tensor with one scale per rank component for the low-rank factors (per column of ``lr_u``, per
-row of ``lr_v``) and per row (dim 0) for every other tensor: ``W ≈ q.float() · scale`` broadcast along that axis
-(``dequantize``; docs/format.md has the measured choice).
+row of ``lr_v``), per bucket (column) for ``res_eta`` and per row (dim 0) for every other tensor:
+``W ≈ q.float() · scale`` broadcast along that axis (``dequantize``; docs/format.md has the measured choice).
+MoE layers left dense are then stored in vLLM's fp8 layout (``DenseQuant``: 128×128 block scales, or an FP8
+source's own).
 Version 1 checkpoints (no ``factor_dtype``) are still read: their float tensors are in the checkpoint's float dtype.
 """
 
@@ -44,7 +46,8 @@ FACTOR_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32"
                  FP8: torch.float8_e4m3fn}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SCALE_SUFFIX = "_scale"  # scale tensor of a quantized tensor: <suffix>_scale, float32, one per index of its axis
-SCALE_AXIS = {"lr_u": 1}  # the axis a suffix's FP8 scales index (the rank for both factors); others: 0 (rows)
+# the axis a suffix's FP8 scales index: lr_u its rank (like lr_v's rows), res_eta its buckets; others 0 (rows)
+SCALE_AXIS = {"lr_u": 1, "res_eta": 1}
 
 
 def scale_axis(suffix: str) -> int:
@@ -85,6 +88,36 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     """q · scale (broadcast along ``axis``) computed in float32 (float64 if asked), returned in ``dtype``."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     return (q.to(acc) * _bcast(scale.to(acc), q.dim(), axis)).to(dtype)
+
+
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | list[int] | None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q · scale`` of vLLM's fp8 checkpoint layout (FP8 sources, dense-kept FP8 experts), computed in float32 and
+    returned in ``dtype``: one scale per [bm, bn] block (``block``; scale [..., ceil(out/bm), ceil(in/bn)], edge
+    blocks partial) or a single scale for the whole tensor (``block`` None). q: [..., out, in] float8_e4m3fn."""
+    if block is None:
+        return (q.float() * scale.float().reshape(())).to(dtype)
+    bm, bn = block
+    s = scale.float().repeat_interleave(bm, -2).repeat_interleave(bn, -1)  # [..., >= out, >= in]
+    return (q.float() * s[..., :q.shape[-2], :q.shape[-1]]).to(dtype)
+
+
+def quantize_blocks(w: torch.Tensor, block: tuple[int, int] | list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q float8_e4m3fn [out, in], scale float32) with w ≈ dequantize_blocks(q, scale, block): each [bm, bn] block's
+    absolute maximum mapped to 448 (scale [ceil(out/bm), ceil(in/bn)]), or the whole tensor's (scale shape [])."""
+    w32 = w.detach().float()
+    if block is None:
+        amax = w32.abs().max()
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).reshape(())
+        return (w32 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    bm, bn = block
+    o, i = w32.shape
+    pad = w32.new_zeros(-(-o // bm) * bm, -(-i // bn) * bn)
+    pad[:o, :i] = w32
+    amax = pad.view(pad.shape[0] // bm, bm, pad.shape[1] // bn, bn).abs().amax(dim=(1, 3))  # [O, I]
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    full = scale.repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:o, :i]
+    return (w32 / full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
 def apply_act(act: Act | str, w: torch.Tensor) -> torch.Tensor:
@@ -237,6 +270,39 @@ class TensorSpec(BaseModel):
         return math.prod(self.shape) * size
 
 
+class DenseQuant(_Strict):
+    """How the routed experts of MoE layers left dense are stored in an FP8 conversion (``factor_dtype`` fp8_e4m3):
+    vLLM's own fp8 checkpoint layout, so vLLM's FP8 MoE method serves them. Per expert and projection a
+    float8_e4m3fn ``weight`` with float32 ``weight_scale_inv`` [ceil(out/bm), ceil(in/bn)] (``weight_block_size``
+    [bm, bn]) or one ``weight_scale`` [] (per tensor), plus ``input_scale`` [] with ``activation_scheme`` static.
+    An FP8 source's own settings (its expert tensors are copied), else DENSE_FP8 (128×128 blocks, quantized)."""
+
+    quant_method: Literal["fp8"] = "fp8"
+    activation_scheme: Literal["dynamic", "static"] = "dynamic"
+    weight_block_size: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> DenseQuant:
+        if self.weight_block_size is not None and min(self.weight_block_size) <= 0:
+            raise FormatError(f"dense_quantization.weight_block_size={list(self.weight_block_size)} must be positive")
+        if self.weight_block_size is not None and self.activation_scheme == "static":
+            raise FormatError("dense_quantization: block FP8 needs activation_scheme dynamic (vLLM's rule)")
+        return self
+
+    @property
+    def scale_suffix(self) -> str:
+        return "weight_scale_inv" if self.weight_block_size is not None else "weight_scale"
+
+    def scale_shape(self, shape: tuple[int, int]) -> tuple[int, ...]:
+        if self.weight_block_size is None:
+            return ()
+        (bm, bn), (o, i) = self.weight_block_size, shape
+        return (-(-o // bm), -(-i // bn))
+
+
+DENSE_FP8 = DenseQuant(weight_block_size=(128, 128))  # dense-kept experts of a float source in an FP8 conversion
+
+
 class MoELowRankConfig(_Strict):
     """The ``quantization_config`` section of a compressed checkpoint's ``config.json``."""
 
@@ -256,6 +322,8 @@ class MoELowRankConfig(_Strict):
     factor_dtype: Literal["bfloat16", "float16", "float32", "fp8_e4m3"] | None = None
     # how the non-expert linear layers are stored: the source's own fp8 quantization_config, None if unquantized
     linear_quantization: dict | None = None
+    # FP8 storage of the experts of the MoE layers left dense (factor_dtype fp8_e4m3 only); None: the float dtype
+    dense_quantization: DenseQuant | None = None
 
     @model_validator(mode="after")
     def _validate(self) -> MoELowRankConfig:
@@ -267,6 +335,8 @@ class MoELowRankConfig(_Strict):
             )
         if self.format_version == 1 and (self.factor_dtype is not None or self.linear_quantization is not None):
             raise FormatError("quantization_config: factor_dtype and linear_quantization need format_version >= 2")
+        if self.dense_quantization is not None and self.factor_dtype != FP8:
+            raise FormatError("quantization_config: dense_quantization needs factor_dtype fp8_e4m3")
         if "{layer}" not in self.moe_prefix:
             raise FormatError(f"quantization_config.moe_prefix {self.moe_prefix!r} must contain '{{layer}}'")
         for layer, spec in self.layers.items():
@@ -358,14 +428,27 @@ class MoELowRankConfig(_Strict):
         return out
 
     def dense_tensor_specs(self, layer: int) -> dict[str, TensorSpec]:
-        """The ordinary per-expert tensors of an uncompressed MoE layer."""
+        """The ordinary per-expert tensors of an uncompressed MoE layer; with ``dense_quantization`` FP8 weights and
+        their scales in vLLM's fp8 layout (``DenseQuant``)."""
         out = {}
+        q = self.dense_quantization
         for p in PROJS:
             for e in range(self.num_experts):
                 name = self.tensor_name(layer, p, "weight", e)
                 shape = (self.hidden_size, self.intermediate_size) if p == "down" else (
                     self.intermediate_size, self.hidden_size)
-                out[name] = TensorSpec(name=name, shape=shape, dtype="float", proj=p, suffix="weight", expert=e)
+                if q is None:
+                    out[name] = TensorSpec(name=name, shape=shape, dtype="float", proj=p, suffix="weight", expert=e)
+                    continue
+                sname = self.tensor_name(layer, p, q.scale_suffix, e)
+                out[name] = TensorSpec(name=name, shape=shape, dtype="fp8", proj=p, suffix="weight", expert=e,
+                                       scale=sname)
+                out[sname] = TensorSpec(name=sname, shape=q.scale_shape(shape), dtype="float32", proj=p,
+                                        suffix=q.scale_suffix, expert=e, scale_of=name)
+                if q.activation_scheme == "static":  # the activation scale of this weight's matmul
+                    iname = self.tensor_name(layer, p, "input_scale", e)
+                    out[iname] = TensorSpec(name=iname, shape=(), dtype="float32", proj=p, suffix="input_scale",
+                                            expert=e, scale_of=name)
         return out
 
     def all_expert_tensor_specs(self) -> dict[str, TensorSpec]:
@@ -496,6 +579,16 @@ def left_factor(cfg: MoELowRankConfig, layer: int, p: str, e: int, get: Getter) 
     return get(cfg.tensor_name(layer, p, "lr_u", e)).double()  # [out, r]
 
 
+def dense_weight(cfg: MoELowRankConfig, layer: int, p: str, e: int, get: Getter,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight of projection p of expert e of a layer left dense (``dense_quantization``: dequantized)."""
+    w = get(cfg.tensor_name(layer, p, "weight", e))
+    q = cfg.dense_quantization
+    if q is None or w.dtype != torch.float8_e4m3fn:
+        return w.to(dtype)
+    return dequantize_blocks(w, get(cfg.tensor_name(layer, p, q.scale_suffix, e)), q.weight_block_size, dtype)
+
+
 def materialize_projection(cfg: MoELowRankConfig, layer: int, p: str, e: int, get: Getter) -> torch.Tensor:
     """Dense weight of projection p of expert e in float64, in compact unit order padded with zeros to m units.
 
@@ -503,7 +596,7 @@ def materialize_projection(cfg: MoELowRankConfig, layer: int, p: str, e: int, ge
     the expert's function unchanged because silu(0)·0 = 0.
     """
     if layer not in cfg.layers:
-        return get(cfg.tensor_name(layer, p, "weight", e)).double()
+        return dense_weight(cfg, layer, p, e, get, torch.float64)
     ps = cfg.layers[layer].proj(p)
     get = float_getter(cfg, get)
     n, m = cfg.hidden_size, cfg.intermediate_size

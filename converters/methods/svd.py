@@ -53,14 +53,19 @@ class SVDMethod(Method):
                  "params": total * (self.arch.hidden_size + self.arch.intermediate_size)}
                 for l in self.arch.moe_layers]
 
+    splits_experts = True  # whitening and SVDs per expert; ranks topped up and down refitted in merge_experts
+
     def compress_layer(self, layer: int, weights: ExpertWeights, calib: LayerCalibration | None) -> CompressedLayer:
-        E, s, dev = self.arch.num_experts, self.settings, self.ctx.device
-        total = self._total_rank()
-        base = total // (3 * E)
-        # keep each factorization only up to rank base + 1 (in the output dtype) and the gain of its next rank
+        return self.merge_experts(layer, weights, calib,
+                                  [self.fit_experts(layer, list(range(self.arch.num_experts)), weights, calib)])
+
+    def fit_experts(self, layer: int, experts: list[int], weights: ExpertWeights, calib: LayerCalibration | None):
+        """Each expert's whitened SVDs kept to rank base + 1 (in the output dtype), and the gain of that rank."""
+        s, dev = self.settings, self.ctx.device
+        base = self._total_rank() // (3 * self.arch.num_experts)
         factors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         gains: dict[tuple[str, int], float] = {}
-        for e in range(E):
+        for e in experts:
             white_in = white_mid = None
             if calib is not None:
                 white_in = whitening(calib.expert_gram_in(e, s.damp, s.shrink).to(dev))
@@ -70,6 +75,15 @@ class SVDMethod(Method):
                 gains[p, e] = float(svd.sigma[base] ** 2) if base < svd.sigma.numel() else 0.0
                 L, R = svd.factors(min(base + 1, svd.sigma.numel()))
                 factors[p, e] = (L.to("cpu", self.ctx.dtype), R.to("cpu", self.ctx.dtype))
+        return factors, gains
+
+    def merge_experts(self, layer: int, weights: ExpertWeights, calib: LayerCalibration | None,
+                      parts) -> CompressedLayer:
+        E, s, dev = self.arch.num_experts, self.settings, self.ctx.device
+        total = self._total_rank()
+        base = total // (3 * E)
+        factors = {k: v for f, _ in parts for k, v in f.items()}
+        gains = {k: v for _, g in parts for k, v in g.items()}
         keys = list(factors)
         ranks = dict(zip(keys, top_up_ranks(base, total, torch.tensor([gains[k] for k in keys]))))
         tensors = {}

@@ -14,9 +14,10 @@ def register() -> None:
 
     from vllm_moe_lowrank.format import QUANT_METHOD
 
-    from . import strict
+    from . import ray_cpu, strict
     from .config import MoELowRankQuantConfig
 
     register_quantization_config(QUANT_METHOD)(MoELowRankQuantConfig)
     strict.install()  # vLLM checks that every parameter was loaded only for unquantized models
+    ray_cpu.install()  # vLLM's Ray executor on the CPU platform, where vLLM lacks it (a no-op elsewhere)
     _registered = True

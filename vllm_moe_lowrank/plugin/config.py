@@ -32,8 +32,21 @@ def _validation_message(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _fp8_config(field: str, qc: dict | None):
+    """vLLM's Fp8Config for an fp8 section of the quantization_config (None for None), refused like vLLM would."""
+    if qc is None:
+        return None
+    from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+
+    try:
+        return Fp8Config.from_config(qc)
+    except (ValueError, KeyError) as err:
+        raise FormatError(f"moe_lowrank: quantization_config.{field} {qc}: {err}") from None
+
+
 class MoELowRankQuantConfig(QuantizationConfig):
-    """Compressed routed experts (moe_lowrank format); every other layer is unquantized."""
+    """Compressed routed experts (moe_lowrank format); FP8 non-expert and dense-kept MoE layers through vLLM's FP8
+    methods (plugin/fp8.py); every other layer is unquantized."""
 
     def __init__(self, fmt: MoELowRankConfig | None = None):
         super().__init__()
@@ -41,15 +54,11 @@ class MoELowRankQuantConfig(QuantizationConfig):
             raise FormatError("--quantization moe_lowrank needs a checkpoint written by moe-convert: its "
                               "config.json has no quantization_config section")
         self.fmt = fmt
-        self.fp8 = None  # the source's FP8 settings for the non-expert linear layers (plugin/fp8.py)
-        if fmt.linear_quantization is not None:
-            from vllm.model_executor.layers.quantization.fp8 import Fp8Config
-
-            try:
-                self.fp8 = Fp8Config.from_config(fmt.linear_quantization)
-            except (ValueError, KeyError) as err:
-                raise FormatError(f"moe_lowrank: quantization_config.linear_quantization "
-                                  f"{fmt.linear_quantization}: {err}") from None
+        # vLLM Fp8Configs (plugin/fp8.py): the source's FP8 settings for the non-expert linear layers, and the FP8
+        # layout of the experts of MoE layers left dense
+        self.fp8 = _fp8_config("linear_quantization", fmt.linear_quantization)
+        dq = fmt.dense_quantization
+        self.dense_fp8 = _fp8_config("dense_quantization", dq and dq.model_dump(mode="json"))
 
     # ----- identity ---------------------------------------------------------------------------------------------
     def get_name(self) -> str:
@@ -119,6 +128,10 @@ class MoELowRankQuantConfig(QuantizationConfig):
                 from .method import MoELowRankMoEMethod
 
                 return MoELowRankMoEMethod(self.fmt, idx, layer.moe_config)
+            if self.dense_fp8 is not None:  # an MoE layer the converter left dense, in FP8
+                from .fp8 import fp8_moe_method
+
+                return fp8_moe_method(self.dense_fp8, layer)
             return UnquantizedFusedMoEMethod(layer.moe_config)  # an MoE layer the converter left dense
         return None
 

@@ -1,4 +1,10 @@
-"""``MoELowRankMoEMethod``: parameters, loaders, completeness check and forward of one compressed MoE layer."""
+"""``MoELowRankMoEMethod``: parameters, loaders, completeness check and forward of one compressed MoE layer.
+
+FP8 factors (format v2, ``factor_dtype: fp8_e4m3``) are loaded as float8_e4m3fn parameters with float32 scale
+parameters. On CUDA they stay FP8 (the Triton kernels dequantize in their loads: the expert memory is the
+checkpoint's bytes); on CPU, where nothing reads FP8, they are dequantized once at load into the model's float dtype
+(``LayerLayout.dequantize_at_load``), so the native CPU path serves them like float factors.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ class MoELowRankMoEMethod(FusedMoEMethodBase):
         self.layout: LayerLayout | None = None
         self.loaded: set[str] = set()
         self.attr_names: list[str] = []
+        self.params_dtype: torch.dtype | None = None
 
     def maybe_roundup_sizes(self, hidden_size, intermediate_size_per_partition, act_dtype, moe_parallel_config):
         return hidden_size, intermediate_size_per_partition  # no padding: the packed layout is exact
@@ -56,6 +63,7 @@ class MoELowRankMoEMethod(FusedMoEMethodBase):
             raise FormatError(f"moe_lowrank: {layer.layer_name}: unexpected expert placement {local}")
         self.layout = LayerLayout(self.fmt, self.layer_idx, tp_rank=moe.tp_rank, tp_size=moe.tp_size,
                                   local_experts=[g for _, g in local], key=layer.layer_name)
+        self.params_dtype = params_dtype
         for name, buf in self.layout.new_buffers(params_dtype).items():
             param = torch.nn.Parameter(buf, requires_grad=False)
             layer.register_parameter(name, param)
@@ -98,6 +106,9 @@ class MoELowRankMoEMethod(FusedMoEMethodBase):
         buffers = {n: getattr(layer, n).data for n in self.layout.buffers}
         for name, t in self.layout.finalize(buffers).items():
             layer.register_buffer(_DERIVED_PREFIX + name, t, persistent=False)
+        if self.layout.quantized and next(iter(buffers.values())).device.type == "cpu":
+            for name, t in self.layout.dequantize_at_load(buffers, self.params_dtype).items():
+                layer.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
         self.attr_names = [n if n in self.layout.buffers else _DERIVED_PREFIX + n for n in self.layout.tensor_names]
         register_layout(self.layout)
 
