@@ -138,6 +138,15 @@ def test_matches_torch_path(case, path):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+def _ranks_sum_to_the_materialized_layer(cfg, tensors, tp: int, ep: int, path: str) -> None:
+    """The TP/EP ranks' outputs sum to the torch path's and to the dense reference (float64)."""
+    x, w, ids = routing(7, 3, seed=3)
+    got, ref = both(cfg, tensors, x, w, ids, tp=tp, ep=ep, path=path)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    dense = reference(cfg, tensors, x.cpu().double(), w.cpu(), ids.cpu()).to(DEV)
+    torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("case,tp,ep,path", [("rs_moe", 2, 1, "lowrank"), ("mixed", 3, 1, "lowrank"),
                                              ("mobe", 2, 1, "dense_tile"), ("moe_svd", 1, 2, "lowrank"),
                                              ("rfid", 1, 3, "dense_tile"), ("mobe_identity", 1, 2, "lowrank"),
@@ -146,11 +155,7 @@ def test_tp_ep_ranks_sum_to_the_materialized_layer(case, tp, ep, path):
     """TP-narrowed and EP-selected layouts: the ranks' outputs sum to the dense reference (float64)."""
     cfg = make_cfg(case, seed=2, E=E, n=N, m=M)
     tensors = random_tensors(cfg, seed=2)
-    x, w, ids = routing(7, 3, seed=3)
-    got, ref = both(cfg, tensors, x, w, ids, tp=tp, ep=ep, path=path)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-    dense = reference(cfg, tensors, x.cpu().double(), w.cpu(), ids.cpu()).to(DEV)
-    torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4)
+    _ranks_sum_to_the_materialized_layer(cfg, tensors, tp, ep, path)
 
 
 @pytest.mark.parametrize("case", ["moe_svd", "rfid"])
@@ -316,11 +321,7 @@ def test_fp8_factors(case, path):
 def test_fp8_tp_ep_ranks_sum_to_the_materialized_layer(case, tp, ep, path):
     """FP8 scales narrowed with their data (or replicated) under TP and selected under EP."""
     _, cfg, tensors = fp8_layer(case, seed=2)
-    x, w, ids = routing(7, 3, seed=3)
-    got, ref = both(cfg, tensors, x, w, ids, tp=tp, ep=ep, path=path)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-    dense = reference(cfg, tensors, x.cpu().double(), w.cpu(), ids.cpu()).to(DEV)
-    torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4)
+    _ranks_sum_to_the_materialized_layer(cfg, tensors, tp, ep, path)
 
 
 @pytest.mark.parametrize("case", ["mixed", "rfid"])
