@@ -14,8 +14,9 @@ Per method and token count M ∈ {1, 8, 64, 512}:
 * ``profile``: the top ops by self CPU time of one call at that M (torch.profiler), per implementation.
 
 Times are medians of ``--reps`` calls after two warm-up rounds, the implementations' calls interleaved (wall
-clock, all threads torch uses). The machine and its load
-average are recorded: on a shared machine compare numbers of the same run only.
+clock, all threads torch uses; ``_cpu_us``: the process CPU time of a call, which on a loaded machine is the
+steadier measure of work, best with ``--threads 1``). The machine and its load average are recorded: on a shared
+machine compare numbers of the same run only.
 
     python benchmarks/cpu_op.py                                  # -> benchmarks/results/cpu_op.json
     python benchmarks/cpu_op.py --methods svd --ms 1 8 --impls torch cpu --out /tmp/cpu_op.json
@@ -79,17 +80,20 @@ def routing(T: int, E: int, K: int, n: int, dtype, seed: int = 0):
     return x, w, ids
 
 
-def bench(fns: dict, reps: int) -> dict[str, tuple[float, float]]:
-    """name -> (median, min) microseconds of one call. Calls interleave (one of each per round), so every
-    implementation sees the same machine load; the min is the less load-sensitive number on a shared machine."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
+def bench(fns: dict, reps: int) -> dict[str, tuple[float, float, float]]:
+    """name -> (median, min, median process CPU time) microseconds of one call. Calls interleave (one of each per
+    round), so every implementation sees the same machine load; the min is the less load-sensitive number on a
+    shared machine, and CPU time (all threads of the process, OpenMP spin-waits included) the least with
+    ``--threads 1``."""
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
     for i in range(reps + 2):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             if i >= 2:  # warm-up rounds
-                times[name].append(time.perf_counter() - t0)
-    return {k: (statistics.median(v) * 1e6, min(v) * 1e6) for k, v in times.items()}
+                times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    return {k: (statistics.median(w for w, _ in v) * 1e6, min(w for w, _ in v) * 1e6,
+                statistics.median(c for _, c in v) * 1e6) for k, v in times.items()}
 
 
 def profile(fn, top: int = 8) -> list[dict]:
@@ -129,11 +133,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--label", default="", help="stored with each row (e.g. before / after)")
+    ap.add_argument("--threads", type=int, default=0, help="torch (and native kernel) threads; 0: torch's default")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--table", nargs="+", type=Path, help="only print a markdown table of these result files")
     a = ap.parse_args()
     if a.table:
         return print(table(*a.table))
+    if a.threads:
+        torch.set_num_threads(a.threads)
     L = LAYERS["qwen3"]
     E, n, m, K = L["E"], L["n"], L["m"], L["K"]
     dtype = torch.bfloat16
@@ -149,11 +156,13 @@ def main() -> None:
             calls = {"dense": lambda: dense(x, w, ids)}
             calls.update({i: (lambda f=impl(i): f(layout, bufs, x, w, ids)) for i in a.impls})
             reps = max(3, a.reps // (1 + M // 64))
-            for name, (med, low) in bench(calls, reps).items():
-                row[f"{name}_us"], row[f"{name}_min_us"] = round(med, 1), round(low, 1)
+            for name, (med, low, cpu) in bench(calls, reps).items():
+                row[f"{name}_us"], row[f"{name}_min_us"], row[f"{name}_cpu_us"] = (round(med, 1), round(low, 1),
+                                                                                 round(cpu, 1))
             for i in a.impls:
                 row[f"dense_over_{i}"] = round(row["dense_us"] / row[f"{i}_us"], 3)
                 row[f"dense_over_{i}_min"] = round(row["dense_min_us"] / row[f"{i}_min_us"], 3)
+                row[f"dense_over_{i}_cpu"] = round(row["dense_cpu_us"] / row[f"{i}_cpu_us"], 3)
             if not a.no_profile:
                 row["profile"] = {i: profile(calls[i]) for i in a.impls}
             rows.append(row)

@@ -56,9 +56,10 @@ except ImportError:  # a plain checkout: the same package from ./kernels
 import triton  # noqa: E402
 
 from vllm_moe_lowrank.format import (FORMAT_VERSION, BaseTerm, DenseTerm, LayerSpec, LowRankTerm,  # noqa: E402
-                                     MoELowRankConfig, ProjSpec, ResidualTerm, UnitSplit, quantize_rows, scale_axis)
+                                     MoELowRankConfig, ProjSpec, ResidualTerm, UnitSplit)
 from vllm_moe_lowrank.kernels import LayerLayout, experts_forward  # noqa: E402
 from vllm_moe_lowrank.kernels import triton_forward  # noqa: E402
+from vllm_moe_lowrank.rounding import quantize_rows  # noqa: E402
 
 LAYERS = {"qwen3": dict(name="Qwen3-30B-A3B", E=128, n=2048, m=768, K=8),
           "mixtral": dict(name="Mixtral-8x7B", E=8, n=4096, m=14336, K=2)}
@@ -168,9 +169,9 @@ def random_layer(cfg: MoELowRankConfig, dtype, dev, seed: int = 0, key: str = ""
             bufs[name].normal_(0, 1)
     for name, b in layout.blocks.items():  # scale each float block by 1/sqrt(fan-in); indices and mixes exact
         ts = b.spec
-        if ts.scale is not None:  # FP8: random block rounded with per-row / per-rank scales, as the converter does
+        if ts.scale is not None:  # FP8: random block rounded with the format's scales, as the converter does
             w = torch.randn(ts.shape, device=dev) * ts.shape[-1] ** -0.5
-            q, sc = quantize_rows(w, scale_axis(ts.suffix))
+            q, sc = quantize_rows(w, ts.scale_axis)
             layout.store(bufs, name, q)
             layout.store(bufs, ts.scale, sc.to(dev))
         elif ts.scale_of is not None:

@@ -82,6 +82,20 @@ class LayerCalibration:
         """[E] f_e = share of tokens whose top-k contains e (Σ_e f_e = k)."""
         return self.counts().double() / max(self.num_tokens, 1)
 
+    def holdout_split(self, frac: float = 0.25, block: int = 256) -> tuple[LayerCalibration, LayerCalibration]:
+        """(fit, held): a deterministic, disjoint split of the tokens for the choices a method must not judge on
+        the tokens it fitted (in-sample error favours the more flexible fit). ``held`` is the last ⌈frac·T/block⌉
+        whole blocks of ``block`` tokens — whole calibration sequences at the default --seq-len 256; the sequences
+        are random windows of the calibration text, so the tail is a random subset — and ``fit`` the rest. Both are
+        views of ``x`` (no copy) with this calibration's options. Fewer than two blocks: split at ⌈(1−frac)·T⌉."""
+        T = self.num_tokens
+        nblocks = T // block
+        cut = (nblocks - max(1, math.ceil(frac * nblocks))) * block if nblocks >= 2 else math.ceil((1 - frac) * T)
+        cut = min(max(cut, 1), T - 1) if T >= 2 else T
+        part = lambda s: LayerCalibration(x=self.x[s], topk_ids=self.topk_ids[s], topk_weights=self.topk_weights[s],  # noqa: E731
+                                          num_experts=self.num_experts, opts=self.opts)
+        return part(slice(0, cut)), part(slice(cut, T))
+
     def _routes(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         if e not in self._index:
             tok, slot = (self.topk_ids == e).nonzero(as_tuple=True)
@@ -223,3 +237,50 @@ def dense_expert_fn(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
         return h @ down[e].T.float()
 
     return fn
+
+
+def routed_output_sq_error(arch, layer: int, comp, weights: ExpertWeights, calib: LayerCalibration,
+                           max_tokens: int | None = None) -> torch.Tensor:
+    """[T'] float64 ‖Δy_t‖² per token of ``calib`` (every ⌈T/max_tokens⌉-th token, all without ``max_tokens``):
+    the change of the routed MoE output Σ_k g_tk·expert(x_t) that a compressed layer ``comp`` (a
+    ``method.CompressedLayer``) makes — the routing-weighted objective every method's fit shares."""
+    from vllm_moe_lowrank.format import FORMAT_VERSION, PROJS, MoELowRankConfig
+    from vllm_moe_lowrank.materialize import materialize_projection
+
+    cfg = MoELowRankConfig(format_version=FORMAT_VERSION, method=comp.spec.method, num_experts=arch.num_experts,
+                           hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+                           moe_prefix=arch.moe_prefix, expert_names=arch.expert_names, moe_layers=[layer],
+                           layers={layer: comp.spec})
+    named = {cfg.tensor_name(layer, p, suf, e): t for (p, suf, e), t in comp.tensors.items()}
+
+    def approx(e: int, xe: torch.Tensor) -> torch.Tensor:  # one expert materialized at a time
+        g, u, d = (materialize_projection(cfg, layer, p, e, named.__getitem__).float() for p in PROJS)
+        return (torch.nn.functional.silu(xe @ g.T) * (xe @ u.T)) @ d.T
+
+    step = max(1, calib.num_tokens // max_tokens) if max_tokens else 1
+    x, ids, w = calib.x[::step].float(), calib.topk_ids[::step], calib.topk_weights[::step]
+    exact = dense_expert_fn(weights.gate, weights.up, weights.down)
+    dy = moe_output(x, ids, w, approx) - moe_output(x, ids, w, exact)  # [T', n]
+    return dy.double().square().sum(-1)
+
+
+def residual_error(arch, layer: int, comp, weights: ExpertWeights, calib: LayerCalibration, hidden_ms: float = 1.0,
+                   max_tokens: int = 4096) -> float:
+    """RMS of the routed MoE output change (``routed_output_sq_error``) over √``hidden_ms`` [ours]: with
+    ``hidden_ms`` the mean ‖h‖² of the decoder layer's output it sees how much the layer's MoE output weighs in the
+    residual stream (moe-svd's measured selection)."""
+    dy2 = routed_output_sq_error(arch, layer, comp, weights, calib, max_tokens)
+    return math.sqrt(float(dy2.mean()) / max(hidden_ms, 1e-30))
+
+
+def clearly_lower(a: torch.Tensor, b: torch.Tensor, block: int = 256, z: float = 2.0) -> bool:
+    """Is per-token error ``a`` [T] lower than ``b`` [T] on held-out tokens by more than ``z`` standard errors of
+    the paired difference? Tokens of one calibration sequence (``block`` consecutive) are correlated, so the
+    standard error is taken over per-block means. A choice that wins only within the noise of the held-out sample
+    should not be taken over the simpler fit. Fewer than two blocks: a plain a.mean() < b.mean()."""
+    d = (a - b).double()
+    B = d.numel() // block
+    if B < 2:
+        return float(d.mean()) < 0
+    m = d[:B * block].reshape(B, block).mean(1)  # [B]
+    return float(m.mean()) + z * float(m.std()) / math.sqrt(B) < 0

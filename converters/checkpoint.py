@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vllm_moe_lowrank.format import dequantize_blocks
+from vllm_moe_lowrank.rounding import dequantize_blocks
 
 from .errors import CheckpointError, UnsupportedModelError
 from .output import writing

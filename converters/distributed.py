@@ -1,7 +1,7 @@
 """Where a MoE layer is fitted: in the converter's own process (``SerialFitter``) or as a Ray task (``RayFitter``,
 ``moe-convert --ray [auto|ADDRESS]``).
 
-Both run the same function, ``pipeline.fit_layer`` (method fit, cast through the format, report errors), on the
+Both run the same function, ``layer_fit.fit_layer`` (method fit, cast through the format, report errors), on the
 same inputs — the layer's original experts and its ``LayerCalibration`` — so the output is byte-identical: methods
 seed per layer, and a Ray task uses the driver's intra-op thread count (BLAS reductions depend on it). The driver
 keeps the sequential part: the calibration forward pass (hidden states layer by layer), the re-run of a layer with
@@ -187,10 +187,10 @@ def _task_inputs(opts_json: str, plan: dict | None, layer: int, weights, threads
 
 def _fit_task(opts_json: str, plan: dict | None, layer: int, weights, calib, threads: int, *parts) -> FitResult:
     """Ray task: fit one MoE layer exactly as the serial converter does (from expert-group ``parts`` if given)."""
-    from . import pipeline
+    from .layer_fit import fit_layer
 
     arch, method, out_dtype, weights = _task_inputs(opts_json, plan, layer, weights, threads)
-    return pipeline.fit_layer(arch, method, layer, weights, calib, out_dtype, list(parts) or None)
+    return fit_layer(arch, method, layer, weights, calib, out_dtype, list(parts) or None)
 
 
 def _part_task(opts_json: str, plan: dict | None, layer: int, weights, calib, threads: int, experts: list[int]):
@@ -243,6 +243,7 @@ def task_graph(opts, ckpt, arch, method) -> dict[str, Any]:
 
     from . import pipeline
     from .experts import load_expert_weights
+    from .layer_fit import fit_layer
     from .runner import LayerRunner
 
     if method.needs_plan_pass:  # its per-layer budgets exist only after a pass over every layer
@@ -265,7 +266,7 @@ def task_graph(opts, ckpt, arch, method) -> dict[str, Any]:
     parts = [method.fit_experts(first, list(range(arch.num_experts)), weights, calib)] if method.splits_experts \
         else None
     parts_s = time.time() - t0  # the per-expert share of the fit: split over N workers when sequential
-    pipeline.fit_layer(arch, method, first, weights, calib, out_dtype, parts)
+    fit_layer(arch, method, first, weights, calib, out_dtype, parts)
     fit_s = time.time() - t0
 
     n, m, E, L = arch.hidden_size, arch.intermediate_size, arch.num_experts, len(arch.moe_layers)

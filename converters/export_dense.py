@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_moe_lowrank.format import PROJS, MoELowRankConfig, dense_weight, materialize_projection
+from vllm_moe_lowrank.format import PROJS, MoELowRankConfig
+from vllm_moe_lowrank.materialize import dense_weight, materialize_projection
 
 from .arch import FAMILIES, detect
 from .checkpoint import Checkpoint, copy_aux_files, save_shard, write_index, write_json

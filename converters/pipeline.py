@@ -1,14 +1,14 @@
 """The streaming conversion pipeline: checkpoint → calibrated, compressed moe_lowrank checkpoint.
 
 One decoder layer at a time: read its tensors, run the calibration batches through it (original weights; only
-hidden states are kept between layers), compress its routed experts, write the layer's shard, save the hidden
-states and progress. By default the hidden states handed to the next layer are the layer's output with its
-compressed experts as written (sequential propagation, as GPTQ / SVD-LLM / llm-compressor ``propagate_error``):
-later layers are calibrated on what the compressed model feeds them; ``--propagate dense`` keeps the original
-outputs. Output goes to a locked temporary folder (``<OUT>.moe-convert-tmp``, or ``OUT/.moe-convert-tmp`` in an
-existing folder) and is published at the end (output.py: what may be written or replaced, the lock, the publish);
-``--resume`` continues a killed run from the last completed layer (or an interrupted publish) and produces the same
-files.
+hidden states are kept between layers), compress its routed experts (layer_fit.py: the method's fit, the cast
+through the format, the report's errors), write the layer's shard, save the hidden states and progress. By
+default the hidden states handed to the next layer are the layer's output with its compressed experts as written
+(sequential propagation, as GPTQ / SVD-LLM / llm-compressor ``propagate_error``): later layers are calibrated on
+what the compressed model feeds them; ``--propagate dense`` keeps the original outputs. Output goes to a locked
+temporary folder (``<OUT>.moe-convert-tmp``, or ``OUT/.moe-convert-tmp`` in an existing folder) and is published
+at the end (output.py: what may be written or replaced, the lock, the publish); ``--resume`` continues a killed run
+from the last completed layer (or an interrupted publish) and produces the same files.
 """
 
 from __future__ import annotations
@@ -26,26 +26,25 @@ import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
-from vllm_moe_lowrank.format import (FACTOR_DTYPES, FORMAT_VERSION, PROJS, SCALE_SUFFIX, MoELowRankConfig,
-                                     materialize_projection)
+from vllm_moe_lowrank.format import FACTOR_DTYPES
 
 from .arch import MoEArch, detect
 from .calib_data import read_documents, token_windows
-from .calibration import CalibOptions, LayerCalibration, dense_expert_fn, moe_output
+from .calibration import CalibOptions
 from .checkpoint import Checkpoint, copy_aux_files, save_shard, write_index, write_json
 from .distributed import check_cluster, make_fitter, task_graph
 from .errors import CalibDataError, CheckpointError, ConvertError
-from .experts import ExpertWeights, expert_tensor_names, load_expert_weights
-from .method import CompressedLayer, Method, MethodContext, build_method
+from .experts import expert_tensor_names, load_expert_weights
+from .layer_fit import dense_fp8, factor_dtype_name, fit_layer, format_config, written_expert_fn
+from .method import Method, MethodContext, build_method
 from .output import CONVERT_TMP, Staging, check_paths, open_staging
 from .progress import State as _State
-from .quantize import dense_fp8_tensors, dense_quant, quantize_layer
+from .quantize import dense_quant
 from .runner import LayerRunner
 from .verify import bytes_summary, source_bytes, verify_checkpoint
 
 REPORT_NAME = "moe_lowrank_report.json"
 TMP_SUFFIX = CONVERT_TMP  # beside a new output; inside an existing one: OUT/.moe-convert-tmp (output.py)
-_ERR_TOKENS = 4096  # calibration tokens used for the report's output error
 
 
 class ConvertOptions(BaseModel):
@@ -151,32 +150,9 @@ def _fit_dtype(out_dtype: torch.dtype, ckpt: Checkpoint) -> torch.dtype:
     return ckpt.float_dtype() if out_dtype == torch.float8_e4m3fn else out_dtype
 
 
-def _factor_dtype_name(out_dtype: torch.dtype) -> str:
-    return next(k for k, v in FACTOR_DTYPES.items() if v == out_dtype)
-
-
 def _source_bytes(ckpt: Checkpoint, arch: MoEArch) -> tuple[int, int]:
     """(routed-expert bytes, whole-checkpoint bytes) of the source, FP8 scales included."""
     return source_bytes(ckpt, [n for l in arch.moe_layers for n in expert_tensor_names(ckpt, arch, l)])
-
-
-def _format_config(arch: MoEArch, method: str, ratio: float, layers: dict[int, Any],
-                   achieved: float | None = None, linear_quantization: dict | None = None,
-                   factor_dtype: str | None = None, dense_quantization=None) -> MoELowRankConfig:
-    return MoELowRankConfig(
-        format_version=FORMAT_VERSION, method=method, target_ratio=ratio, achieved_ratio=achieved,
-        num_experts=arch.num_experts, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-        moe_prefix=arch.moe_prefix, expert_names=arch.expert_names, moe_layers=list(arch.moe_layers), layers=layers,
-        linear_quantization=linear_quantization, factor_dtype=factor_dtype, dense_quantization=dense_quantization)
-
-
-def _dense_fp8(ckpt: Checkpoint, fit: dict[str, Any], dq) -> dict[str, Any]:
-    """A layer the method left dense, in an FP8 conversion (``dq``: its format.DenseQuant, else None): its experts
-    in FP8 with scales (quantize.dense_fp8_tensors: an FP8 source's own tensors copied). Idempotent."""
-    if dq is None or fit["spec"] is not None or "requantized" in fit:
-        return fit
-    tensors, requantized = dense_fp8_tensors(ckpt, fit["tensors"], dq)
-    return {**fit, "tensors": tensors, "requantized": requantized}
 
 
 def _open_source(opts: ConvertOptions) -> tuple[Checkpoint, MoEArch]:
@@ -185,77 +161,6 @@ def _open_source(opts: ConvertOptions) -> tuple[Checkpoint, MoEArch]:
     arch = detect(ckpt.config, str(ckpt.path / "config.json"))
     _ = ckpt.source_quant
     return ckpt, arch
-
-
-def _cast_layer(arch: MoEArch, method: str, layer: int, comp: CompressedLayer, dtype: torch.dtype,
-                weights: ExpertWeights | None = None, calib: LayerCalibration | None = None) -> dict[str, torch.Tensor]:
-    """Name and cast a method's tensors through the format, checking each against the format's exact shape.
-    FP8 (``dtype`` float8_e4m3fn): rounded with per-row scales by ``quantize.quantize_layer``, whose left-factor
-    refit uses the layer's original ``weights`` and ``calib`` when given."""
-    fp8 = dtype == torch.float8_e4m3fn
-    cfg = _format_config(arch, method, 0.5, {layer: comp.spec}, factor_dtype=_factor_dtype_name(dtype) if fp8 else None)
-    specs = {n: s for n, s in cfg.tensor_specs(layer).items() if s.scale_of is None}
-    out = {}
-    for (p, suffix, e), t in comp.tensors.items():
-        name = cfg.tensor_name(layer, p, suffix, e)
-        spec = specs.get(name)
-        if spec is None:
-            raise ConvertError(f"method {method} produced tensor {name!r} that its layer spec does not declare")
-        if tuple(t.shape) != spec.shape:
-            raise ConvertError(f"method {method} produced {name!r} with shape {list(t.shape)}; the format "
-                               f"expects {list(spec.shape)}")
-        target = {"float": dtype, "fp8": torch.float32, "float32": torch.float32, "int32": torch.int32}[spec.dtype]
-        out[name] = t.detach().to("cpu", target).contiguous()
-    missing = sorted(set(specs) - set(out))
-    if missing:
-        raise ConvertError(f"method {method} did not produce {len(missing)} tensor(s) of layer {layer}, e.g. "
-                           f"{missing[0]!r}")
-    if fp8:
-        out, _ = quantize_layer(cfg, layer, out, weights, calib)
-    return out
-
-
-def _layer_errors(arch: MoEArch, method: str, layer: int, comp: CompressedLayer, tensors: dict[str, torch.Tensor],
-                  weights: ExpertWeights, calib: LayerCalibration | None) -> dict[str, Any]:
-    """Relative errors of what is written: per projection ‖W − Ŵ‖_F / ‖W‖_F over all experts, and the routed
-    MoE output error on (up to 4096) calibration tokens.
-
-    A units split (RS-MoE) stores each expert's units in its own compact order, which changes the expert's weights
-    by a permutation but not its function; weight errors are then undefined (None) and the output error is the
-    measure."""
-    cfg = _format_config(arch, method, 0.5, {layer: comp.spec})
-    get = tensors.__getitem__
-    out: dict[str, Any] = {"weight_rel_err": None}
-    if comp.spec.units is None:
-        num = {p: 0.0 for p in PROJS}
-        den = {p: 0.0 for p in PROJS}
-        for e in range(arch.num_experts):
-            for p in PROJS:
-                w = weights.get(p, e, torch.float64)
-                num[p] += float((w - materialize_projection(cfg, layer, p, e, get)).square().sum())
-                den[p] += float(w.square().sum())
-        out["weight_rel_err"] = {p: math.sqrt(num[p] / den[p]) if den[p] else 0.0 for p in PROJS}
-    if calib is not None:
-        step = max(1, calib.num_tokens // _ERR_TOKENS)
-        x, ids, w = calib.x[::step].float(), calib.topk_ids[::step], calib.topk_weights[::step]
-
-        def approx(e: int, xe: torch.Tensor) -> torch.Tensor:
-            g, u, d = (materialize_projection(cfg, layer, p, e, get).float() for p in PROJS)
-            return (torch.nn.functional.silu(xe @ g.T) * (xe @ u.T)) @ d.T
-
-        def exact(e: int, xe: torch.Tensor) -> torch.Tensor:
-            h = torch.nn.functional.silu(xe @ weights.get("gate", e).T) * (xe @ weights.get("up", e).T)
-            return h @ weights.get("down", e).T
-
-        y = moe_output(x, ids, w, exact)
-        out["output_rel_err"] = float((moe_output(x, ids, w, approx) - y).norm() / y.norm().clamp(min=1e-30))
-    return out
-
-
-def _dense_expert_tensors(arch: MoEArch, layer: int, weights: ExpertWeights) -> dict[str, torch.Tensor]:
-    names = arch.expert_names
-    return {f"{arch.prefix(layer)}.{e}.{getattr(names, p)}.weight": weights.proj(p)[e].contiguous()
-            for e in range(arch.num_experts) for p in PROJS}
 
 
 def _make_method(opts: ConvertOptions, arch: MoEArch, ckpt: Checkpoint) -> Method:
@@ -284,7 +189,7 @@ def dry_run(opts: ConvertOptions) -> dict[str, Any]:
     src_experts, src_total = _source_bytes(ckpt, arch)
     planned = round((1 - opts.ratio) * arch.expert_params() * out_dtype.itemsize)  # FP8 scales not counted
     return {"method": opts.method, "ratio": opts.ratio, "moe_layers": len(arch.moe_layers), "experts": E,
-            "expert_params": arch.expert_params(), "factor_dtype": _factor_dtype_name(out_dtype),
+            "expert_params": arch.expert_params(), "factor_dtype": factor_dtype_name(out_dtype),
             "bytes": bytes_summary(arch.expert_params(), src_experts, src_total, planned,
                                    src_total - src_experts + planned),
             "calibration_tokens": tokens, "layers": method.dry_run(),
@@ -368,16 +273,6 @@ def _forward_layer(runner: LayerRunner | None, arch: MoEArch, layer: int, weight
     return hidden, calib, None
 
 
-def _written_expert_fn(arch: MoEArch, method: str, layer: int, spec, tensors: dict[str, torch.Tensor], dq=None):
-    """expert_fn of the compressed experts exactly as written (after the cast), materialized once per layer
-    (``spec``: the layer's spec, or the CompressedLayer holding it; None: a dense layer's FP8 experts, ``dq``)."""
-    cfg = (_format_config(arch, method, 0.5, {}, factor_dtype="fp8_e4m3", dense_quantization=dq) if spec is None
-           else _format_config(arch, method, 0.5, {layer: getattr(spec, "spec", spec)}))
-    stack = {p: torch.stack([materialize_projection(cfg, layer, p, e, tensors.__getitem__).float()
-                             for e in range(arch.num_experts)]) for p in PROJS}  # [E, out, in] float32
-    return dense_expert_fn(stack["gate"], stack["up"], stack["down"])
-
-
 def _plan_pass(ckpt: Checkpoint, arch: MoEArch, method: Method, runner: LayerRunner | None,
                hidden: list[torch.Tensor], calib_opts: CalibOptions | None = None) -> dict[str, Any]:
     """Observe every layer on the original model's hidden states (nothing is compressed yet: no propagation)."""
@@ -407,7 +302,7 @@ def _run_layers(opts: ConvertOptions, ckpt: Checkpoint, arch: MoEArch, runner: L
     bar = tqdm(total=arch.num_layers - len(done), desc=f"moe-convert {opts.method}", unit="layer", file=sys.stderr)
 
     def write(layer: int, fit: dict[str, Any] | None, t0: float, counts: list | None) -> None:
-        _write_layer(ckpt, arch, layer, fit and _dense_fp8(ckpt, fit, dq), counts, tmp, state, t0)
+        _write_layer(ckpt, arch, layer, fit and dense_fp8(ckpt, fit, dq), counts, tmp, state, t0)
         bar.update()
 
     try:
@@ -432,10 +327,10 @@ def _run_layers(opts: ConvertOptions, ckpt: Checkpoint, arch: MoEArch, runner: L
             elif loaded is None:
                 pending[layer] = (fitter.submit(layer, weights, calib), t0, counts)
             else:  # next layer's inputs: this layer with its experts as written
-                fit = _dense_fp8(ckpt, fitter.result(fitter.submit(layer, weights, calib, split=True)), dq)
+                fit = dense_fp8(ckpt, fitter.result(fitter.submit(layer, weights, calib, split=True)), dq)
                 if fit["spec"] is not None or fit.get("requantized"):  # FP8-rounded dense layers as well
                     del hidden
-                    expert_fn = _written_expert_fn(arch, opts.method, layer, fit["spec"], fit["tensors"], dq)
+                    expert_fn = written_expert_fn(arch, opts.method, layer, fit["spec"], fit["tensors"], dq)
                     hidden = runner.rerun_layer(*loaded, expert_fn, hidden_in)
                 runner.release_layer(layer)
                 if not last and not pending:  # recorded by write's save, together with this layer
@@ -451,28 +346,6 @@ def _run_layers(opts: ConvertOptions, ckpt: Checkpoint, arch: MoEArch, runner: L
                 state.save()
     finally:  # before any error message: the bar ends its line
         bar.close()
-
-
-def fit_layer(arch: MoEArch, method: Method, layer: int, weights: ExpertWeights, calib: LayerCalibration | None,
-              out_dtype: torch.dtype, parts: list | None = None) -> dict[str, Any]:
-    """Fit one MoE layer: {"spec": its format spec (JSON; None: kept dense), "tensors": what is written for its
-    experts, "report": its report entry}. The one code path of the serial converter and of a Ray task (``parts``:
-    the ``Method.fit_experts`` results of expert groups fitted as separate tasks)."""
-    comp = (method.merge_experts(layer, weights, calib, parts) if parts
-            else method.compress_layer(layer, weights, calib))
-    report: dict[str, Any] = {"status": "dense"}
-    if comp is None:
-        return {"spec": None, "tensors": _dense_expert_tensors(arch, layer, weights), "report": report}
-    tensors = _cast_layer(arch, method.name, layer, comp, out_dtype, weights, calib)
-    comp.tensors.clear()  # the cast copies are what gets written; free the method's originals
-    params = sum(t.numel() for n, t in tensors.items()
-                 if t.is_floating_point() and not n.endswith(SCALE_SUFFIX))  # FP8 scales: bytes only
-    report = {"status": "compressed", **comp.info,
-              "ranks": {p: comp.spec.proj(p).lowrank.ranks for p in PROJS if comp.spec.proj(p).lowrank},
-              "params": params,
-              "layer_ratio": 1 - params / (3 * arch.num_experts * arch.hidden_size * arch.intermediate_size),
-              **_layer_errors(arch, method.name, layer, comp, tensors, weights, calib)}
-    return {"spec": comp.spec.model_dump(mode="json"), "tensors": tensors, "report": report}
 
 
 def _write_layer(ckpt: Checkpoint, arch: MoEArch, layer: int, fit: dict[str, Any] | None, counts: list | None,
@@ -514,9 +387,9 @@ def _finish(opts: ConvertOptions, ckpt: Checkpoint, arch: MoEArch, state: _State
               if e["spec"] is not None}  # in layer order, however the fits completed
     config = dict(ckpt.config)
     linear = ckpt.source_quant.linear_quantization() if ckpt.source_quant else None  # FP8 non-expert layers
-    config["quantization_config"] = _format_config(
+    config["quantization_config"] = format_config(
         arch, opts.method, opts.ratio, layers, linear_quantization=linear,
-        factor_dtype=_factor_dtype_name(out_dtype),
+        factor_dtype=factor_dtype_name(out_dtype),
         dense_quantization=dense_quant(ckpt.source_quant) if out_dtype == torch.float8_e4m3fn and len(layers) < len(
             arch.moe_layers) else None).model_dump(mode="json")
     write_json(config, tmp / "config.json")
@@ -530,7 +403,7 @@ def _finish(opts: ConvertOptions, ckpt: Checkpoint, arch: MoEArch, state: _State
         "achieved_ratio": counts.achieved_ratio,
         "expert_params": {"original": counts.original, "kept": counts.kept, "index_bytes": counts.index_bytes},
         "bytes": bytes_summary(counts.original, *_source_bytes(ckpt, arch), counts.expert_bytes, counts.total_bytes),
-        "dtype": str(out_dtype).removeprefix("torch."), "factor_dtype": _factor_dtype_name(out_dtype),
+        "dtype": str(out_dtype).removeprefix("torch."), "factor_dtype": factor_dtype_name(out_dtype),
         "calibration": None if opts.calib_data is None else {
             "file": str(opts.calib_data), "num_samples": opts.num_samples, "seq_len": opts.seq_len,
             "seed": opts.seed, "plan": state.data.get("plan") is not None, "propagate": opts.propagate,

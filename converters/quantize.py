@@ -1,12 +1,13 @@
-"""FP8 factors for every method: round every float tensor of a compressed layer to float8_e4m3fn with per-row
-float32 scales (``format.quantize_rows``), quantization-aware where that is cheap.
+"""FP8 factors for every method: round every float tensor of a compressed layer to float8_e4m3fn with float32
+scales along the format's axis (``rounding.quantize_rows``), quantization-aware where that is cheap.
 
 Order (quantize one factor, refit the other in closed form — the GPTQ/SVD-LLM-style correction, applied per
 expert):
 
 1. every float tensor that is not an expert's own left factor is rounded as it is (scales per rank component
-   for the factors, per row otherwise: ``format.scale_axis``): right factors (per expert, per
-   group, MoBE bases), shared left slots, dense / kept-unit weights, residual ``res_eta``, the RS-MoE ``base``;
+   for the factors, per unit for down's weight, per row otherwise: ``format.scale_axis``): right factors (per
+   expert, per group, MoBE bases), shared left slots, dense / kept-unit weights, residual ``res_eta``, the RS-MoE
+   ``base``;
 2. projection by projection (gate, up, then down), each expert's left factor L_e [out, r] is refit against the
    quantized right factor R̂_e = act(R_q) under the same whitened objective the methods minimise,
 
@@ -30,8 +31,9 @@ from typing import Any
 
 import torch
 
-from vllm_moe_lowrank.format import (DENSE_FP8, PROJS, DenseQuant, MoELowRankConfig, materialize_projection,
-                                     quantize_blocks, quantize_rows, right_factor, scale_axis)
+from vllm_moe_lowrank.format import DENSE_FP8, PROJS, DenseQuant, MoELowRankConfig
+from vllm_moe_lowrank.materialize import materialize_projection, right_factor
+from vllm_moe_lowrank.rounding import quantize_blocks, quantize_rows
 
 from .calibration import LayerCalibration
 from .checkpoint import INPUT_SCALE, Checkpoint, SourceQuant
@@ -61,7 +63,7 @@ def quantize_layer(cfg: MoELowRankConfig, layer: int, tensors: dict[str, torch.T
     pending: dict[str, torch.Tensor] = {}  # per-expert left factors, refit after their right factors are rounded
 
     def put(name: str, t: torch.Tensor) -> None:
-        q, s = quantize_rows(t, scale_axis(specs[name].suffix))
+        q, s = quantize_rows(t, specs[name].scale_axis)
         out[name], out[specs[name].scale] = q, s
 
     for name, ts in specs.items():

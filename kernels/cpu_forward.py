@@ -62,6 +62,7 @@ class _Plan:
         fw.L, fw.bufs, fw.spec, fw.cache = layout, bufs, layout.spec, {}
         fw.x = next(v for v in bufs.values() if v.is_floating_point())[:0]  # the compute dtype (float buffers)
         self.funcs = [self._func(fw, layout, fs[0]) for fs in layout.functions]
+        self.base = fw.t("down", "base") if layout.spec.down.base is not None else None  # [n, width]
 
     @staticmethod
     def _terms(fw: _Forward, layout: LayerLayout, p: str, e: int) -> list[_Term] | None:

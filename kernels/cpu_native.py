@@ -1,24 +1,30 @@
-"""Native CPU path of a compressed MoE layer: all active expert functions in one C++/OpenMP call.
+"""Native CPU path of a compressed MoE layer: the whole op (routing included) in one C++/OpenMP call.
 
 For layers whose every term has a plan in ``cpu_forward`` (per-expert or per-group right factors, per-expert or
 slot left factors, exact weights, the RS-MoE base: ``svd``, ``rs-moe`` and alike) and bf16/float32 compute, one
-call of kernels/cpu_gemm.cpp runs every active function (the rows of its (token, function) pairs) start to finish
-on one thread, functions spread over the OpenMP threads (one parallel region, one join per call):
+call of kernels/cpu_gemm.cpp, one OpenMP parallel region with one barrier:
 
-    X  = x[tok]                                                                  float32 rows of the pairs
-    A  T = [X·R_gateᵀ | X·R_upᵀ]      GU = [X·W_gate,exᵀ | X·W_up,exᵀ] (exact units)   gate and up shrinks
-    B  GU += [T_g·L_gateᵀ | T_u·L_upᵀ] (low-rank units)
-       H = w · silu(GU_gate) · GU_up                                             fused, routing weight folded in
-    C  S = H_lr·R_downᵀ               Y = H_ex·W_down,exᵀ
-    D  Y += S·L_downᵀ
-       y[tok] += Y                                                               pairs summed into tokens
+    routing   pairs (token, function) from topk_ids through func_of_expert, sorted by function (counting sort)
+    functions each active function's pairs start to finish on one thread (dynamic schedule over the threads):
+      X  = x[tok]                                                                float32 rows of the pairs
+      A  T = [X·R_gateᵀ | X·R_upᵀ]      GU = [X·W_gate,exᵀ | X·W_up,exᵀ] (exact units)  gate and up shrinks
+      B  GU += [T_g·L_gateᵀ | T_u·L_upᵀ] (low-rank units)
+         H = w · silu(GU_gate) · GU_up                                           fused, routing weight folded in
+      C  S = H_lr·R_downᵀ               Y = H_ex·W_down,exᵀ
+      D  Y += S·L_downᵀ
+    (the call's one barrier; at decode none: the calling thread does the small output stage after the join)
+    output    blocks of hidden rows over the threads: y[t] = Σ its pairs' Y rows, + z[t]·Bᵀ with an RS-MoE base
+              (once per token; z[t] = Σ its pairs' H rows scattered over the base's units), in x's dtype
 
-bf16 (or float32) weights widened in registers, float32 activations and accumulation (AVX-512 where compiled
-for, else the compiler's vectorization). Scratch buffers have one row per pair and the layer's largest rank / unit
-count as width: nothing grows with the number of experts. The per-function task table (factor addresses, shapes,
-column offsets) is static, built once with the plan. The RS-MoE base z·Bᵀ then runs once per token in torch.
-Everything else (shared group right factors, basis mixes, residuals, FP8 factors, float64) goes through
-``cpu_forward``.
+bf16 weights through VDPBF16PS where the CPU has AVX512-BF16 (inputs rounded to bf16 once per task, float32
+accumulation; 4 weight rows × 4 tokens per pass when a function has more than 8 pairs, else one weight row
+after the other: a single sequential stream at decode), widened in registers elsewhere (AVX-512 or the compiler's
+vectorization); float32 likewise. Python does no per-call work beyond one ctypes call and the output tensor:
+scratch (one row per pair, the layer's largest rank / unit count as width) lives in the library and only grows
+(calls of at most ``CHUNK`` tokens bound it),
+the layer's description (``_Tables.meta``: factor addresses, shapes, column offsets, routing table, base map) is
+built once with the plan. Everything else (shared group right factors, basis mixes, residuals, FP8 factors,
+float64) goes through ``cpu_forward``.
 
 The library is built on first use with torch's extension builder (``torch.utils.cpp_extension.load``, cached in
 ``TORCH_EXTENSIONS_DIR``; a few seconds: no torch headers) and loaded with ctypes; ``available()`` says whether
@@ -43,6 +49,7 @@ from .layout import LayerLayout
 _SRC = Path(__file__).with_name("cpu_gemm.cpp")
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1}
 _FIELDS = 9  # row0, rows, w, o, k, ldw, in_off, out_off, acc
+CHUNK = 512  # tokens per library call: scratch ≈ CHUNK·top_k·(2·hidden + widths)·4 B (≈125 MB at Qwen3-30B's shapes)
 
 
 @functools.cache
@@ -59,8 +66,7 @@ def _lib():
                 extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     lib = ctypes.CDLL(path)
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.moe_lowrank_forward.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, i64, ptr, i64, ptr,
-                                        i64, ptr, ptr, i64, ptr, ptr, i32, i32]
+    lib.moe_lowrank_forward.argtypes = [ptr, ptr, i64, ptr, i32, ptr, i64, ptr, i32, i32]
     lib.moe_lowrank_forward.restype = i32
     return lib
 
@@ -90,19 +96,23 @@ def supports(layout: LayerLayout, bufs: dict[str, torch.Tensor], dtype: torch.dt
         covered = all(f.gate is not None and f.up is not None and f.down is not None for f in plan.funcs)
         dtypes = {v.dtype for f in plan.funcs if covered for t in f.gate + f.up + f.down
                   for v in (t.weight, t.right, t.left) if v is not None}
+        if covered and plan.base is not None:
+            dtypes.add(plan.base.dtype)
         plan.native_ok = next(iter(dtypes)) if covered and len(dtypes) == 1 else None
     return plan.native_ok == dtype
 
 
 class _Tables:
-    """Per-function static task rows of each stage (rows come from the call) and the scratch buffer widths.
+    """The layer as the library reads it (``meta``, enum Meta of cpu_gemm.cpp): per-function static task rows of
+    each stage, scratch widths, the routing table and the RS-MoE base's scatter map. Built once per plan.
 
     Stages by (input -> output): A_gu X->GU (exact), A_t X->T (shrinks), B T->GU (expands), C_y H->Y (exact; a
     k = 0 task zeroes Y when down has none), C_s H->S (down shrink), D S->Y (down expand)."""
 
     NAMES = ("A_gu", "A_t", "B", "C_y", "C_s", "D")
 
-    def __init__(self, plan: _Plan, n: int):
+    def __init__(self, plan: _Plan, layout: LayerLayout, bufs: dict[str, torch.Tensor]):
+        n = layout.cfg.hidden_size
         self.U = max(f.count for f in plan.funcs)
         self.RT = max(sum(t.right.shape[0] for t in f.gate + f.up if t.right is not None) for f in plan.funcs)
         self.RD = max([t.right.shape[0] for f in plan.funcs for t in f.down if t.right is not None] or [0])
@@ -134,6 +144,29 @@ class _Tables:
         stages = [_pad(st[k]) for k in self.NAMES]  # each [F, tasks, 9] int64 (o = 0: empty)
         self.ns = torch.tensor([t.shape[1] for t in stages], dtype=torch.int64)
         self.flat = torch.cat([t.reshape(-1) for t in stages])  # the library's layout: stage after stage
+        self.foe = bufs["func_of_expert"].to(torch.int64).contiguous()  # [E] function id, -1: other rank
+        zw, base = 0, [0] * 6
+        if plan.base is not None:  # z [T, zw] gathers each pair's h[:, start:start+count] into columns cols
+            B = plan.base  # [n, zw]
+            assert B.stride(1) == 1, "base rows must be contiguous"
+            zw = B.shape[1]
+            starts, counts, cols = [], [], []
+            for f in plan.funcs:
+                if f.base_idx is None:  # units "all": h's first zw columns
+                    starts.append(0)
+                    cols.append(torch.arange(min(zw, f.count)))
+                else:
+                    starts.append(f.base_place.start)
+                    cols.append(f.base_idx)
+                counts.append(cols[-1].numel())
+            self.bstart, self.bcount = torch.tensor(starts), torch.tensor(counts)
+            self.boff = torch.cumsum(self.bcount, 0) - self.bcount
+            self.bcols = torch.cat(cols).long() if cols else torch.zeros(1, dtype=torch.long)
+            base = [B.data_ptr(), B.stride(0), self.bstart.data_ptr(), self.bcount.data_ptr(), self.boff.data_ptr(),
+                    self.bcols.data_ptr()]
+        self.meta = torch.tensor([len(plan.funcs), n, self.U, self.RT, self.RD, self.flat.data_ptr(),
+                                  self.ns.data_ptr(), self.foe.data_ptr(), self.foe.numel(), zw, *base],
+                                 dtype=torch.int64)
 
 
 def _task(w: torch.Tensor, in_off: int, out_off: int, acc: int) -> list[int]:
@@ -147,72 +180,32 @@ def _pad(per_func: list[list[list[int]]]) -> torch.Tensor:
     return torch.tensor([t + [[0] * _FIELDS] * (width - len(t)) for t in per_func], dtype=torch.int64)
 
 
-def _tables(plan: _Plan, n: int) -> _Tables:
+def _tables(plan: _Plan, layout: LayerLayout, bufs: dict[str, torch.Tensor]) -> _Tables:
     if not hasattr(plan, "native"):
-        plan.native = _Tables(plan, n)
+        plan.native = _Tables(plan, layout, bufs)
     return plan.native
-
-
-class _NativeForward(_CpuForward):
-    def run(self) -> torch.Tensor:
-        x, L = self.x.contiguous(), self.L
-        plan = plan_for(L, self.bufs)
-        tab = _tables(plan, self.cfg.hidden_size)
-        T, n, P = x.shape[0], self.cfg.hidden_size, self.tok.numel()
-        counts = torch.tensor(self.counts, dtype=torch.int64)
-        active = (counts > 0).nonzero().squeeze(1)
-        funcs = torch.stack([active, (torch.cumsum(counts, 0) - counts)[active], counts[active]], 1).contiguous()
-        tok, w = self.tok.contiguous(), self.w.float().contiguous()
-        xs, ys = torch.empty(P, n), torch.empty(P, n)  # float32 scratch, one row per pair
-        t, gu = torch.empty(P, max(tab.RT, 1)), torch.empty(P, 2 * tab.U)
-        h, s = torch.empty(P, tab.U), torch.empty(P, max(tab.RD, 1))
-        y = torch.empty(T, n)
-        rc = _lib().moe_lowrank_forward(
-            x.data_ptr(), T, tok.data_ptr(), w.data_ptr(), P, funcs.data_ptr(), funcs.shape[0], tab.flat.data_ptr(),
-            tab.ns.data_ptr(), len(plan.funcs), xs.data_ptr(), n, t.data_ptr(), t.shape[1], gu.data_ptr(), tab.U,
-            h.data_ptr(), s.data_ptr(), s.shape[1], ys.data_ptr(), y.data_ptr(), _DTYPE_CODE[x.dtype], threads())
-        if rc:
-            raise RuntimeError(f"moe_lowrank: native CPU kernel failed (code {rc})")
-        if self.spec.down.base is not None:
-            b = self.t("down", "base")  # [n, width]
-            y += (self._base(plan, h).to(b.dtype) @ b.T).float()  # once per token
-        return y.to(x.dtype)
-
-    def _base(self, plan: _Plan, h: torch.Tensor) -> torch.Tensor:
-        """z [T, width] = Σ_pairs scatter(h over the base's units) (h already carries the routing weight)."""
-        base, L = self.spec.down.base, self.L
-        T = self.x.shape[0]
-        if base.units == "all":
-            width = L.units[L.local_experts[0]].count
-            return self.x.new_zeros(T, width, dtype=self.acc).index_add_(0, self.tok, h[:, :width].to(self.acc))
-        width = self.cfg.intermediate_size
-        src, dst = _base_maps(plan, width)  # [F, Lmax] column of h, original unit (width: padding)
-        fid = self.fid
-        flat = (self.tok[:, None] * (width + 1) + dst[fid]).reshape(-1)
-        z = self.x.new_zeros(T, width + 1, dtype=self.acc)
-        z.view(-1).index_add_(0, flat, h.gather(1, src[fid]).to(self.acc).reshape(-1))
-        return z[:, :width]
-
-
-def _base_maps(plan: _Plan, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if not hasattr(plan, "base_maps"):
-        lmax = max(max(f.base_idx.numel() for f in plan.funcs), 1)
-        src = torch.zeros(len(plan.funcs), lmax, dtype=torch.long)
-        dst = torch.full((len(plan.funcs), lmax), width, dtype=torch.long)
-        for i, f in enumerate(plan.funcs):
-            k = f.base_idx.numel()
-            src[i, :k] = torch.arange(f.base_place.start, f.base_place.start + k)
-            dst[i, :k] = f.base_idx
-        plan.base_maps = (src, dst)
-    return plan.base_maps
 
 
 def experts_forward_native(layout: LayerLayout, bufs: dict[str, torch.Tensor], x: torch.Tensor,
                            topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """[T, n] un-reduced output of this rank's experts (``torch_ref.experts_forward``'s contract); callers check
-    ``available()`` and ``supports()`` first."""
-    return _NativeForward(layout, bufs, x, topk_weights, topk_ids).run()
-
+    """[T, n] un-reduced output of this rank's experts (``torch_ref.experts_forward``'s contract), routing
+    included, in one library call; callers check ``available()`` and ``supports()`` first."""
+    tab = _tables(plan_for(layout, bufs), layout, bufs)
+    x = x.contiguous()
+    ids = topk_ids if topk_ids.dtype in (torch.int32, torch.int64) else topk_ids.long()
+    ids, w = ids.contiguous(), topk_weights.float().contiguous()
+    out = torch.empty_like(x)
+    T, lib = x.shape[0], _lib()
+    for s in range(0, T, CHUNK):  # token chunks bound the library's scratch (it keeps its largest size)
+        c = min(CHUNK, T - s)
+        rc = lib.moe_lowrank_forward(tab.meta.data_ptr(), x[s].data_ptr(), c, ids[s].data_ptr(),
+                                     int(ids.dtype == torch.int64), w[s].data_ptr(), ids.shape[1], out[s].data_ptr(),
+                                     _DTYPE_CODE[x.dtype], threads())
+        if rc == 2:
+            raise ValueError(f"moe_lowrank: topk_ids has expert ids outside [0, {tab.foe.numel()})")
+        if rc:
+            raise RuntimeError(f"moe_lowrank: native CPU kernel failed (code {rc})")
+    return out
 
 
 def experts_forward_cpu(layout: LayerLayout, bufs: dict[str, torch.Tensor], x: torch.Tensor,

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_moe_lowrank.format import PROJS, SHARED, Act, MoELowRankConfig, TensorSpec, dequantize, scale_axis
+from vllm_moe_lowrank.format import PROJS, SHARED, Act, MoELowRankConfig, TensorSpec
+from vllm_moe_lowrank.rounding import dequantize
 
 SIDE = {"gate": "w13", "up": "w13", "down": "w2"}
 SHARD_PROJ = {"w1": "gate", "w3": "up", "w2": "down"}  # vLLM shard ids
@@ -135,7 +136,7 @@ class LayerLayout:
             else:  # a scale follows its data's narrowing when it indexes the narrowed axis
                 data = specs[ts.scale_of]
                 axis, seg = self._unit_axis(data)
-                axis = 0 if axis is not None and axis == scale_axis(data.suffix) else None
+                axis = 0 if axis is not None and axis == data.scale_axis else None
             if axis is None:
                 ranges: Ranges = ((0, ts.shape[0]),)
                 shape = ts.shape
@@ -205,7 +206,7 @@ class LayerLayout:
         v = self.view(buffers, name)
         if b.spec.scale is None or self.fp8_dequantized:
             return v
-        w = dequantize(v, self.view(buffers, b.spec.scale), torch.float32, scale_axis(b.spec.suffix))
+        w = dequantize(v, self.view(buffers, b.spec.scale), torch.float32, b.spec.scale_axis)
         lr = self.spec.proj(b.spec.proj).lowrank
         if b.spec.suffix == "lr_v" and lr.num_bases is None and Act(lr.act) is not Act.identity:
             w = _act(lr.act, w)

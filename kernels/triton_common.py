@@ -11,8 +11,9 @@ Helpers:
 * ``mm``: ``acc + a @ b`` with float32 accumulation; ``F32`` upcasts the operands (float32 inputs, where IEEE
   precision is wanted, and the Triton interpreter, whose half-precision ``tl.dot`` is wrong in Triton 3.9);
 * ``load_w``: a weight tile as compute reads it: the stored values, or for FP8 factors (``Q``) q · scale in float32
-  (the scale vector of the tensor's scaled axis, ``format.scale_axis`` via ``SK_*``, loaded once per tile and
-  broadcast);
+  (the scale vector of the tensor's scaled axis, loaded once per tile and broadcast; the axis is the format's:
+  ``SK_*`` for the tensors whose axis is the same in every projection and format version, a ``SK_D`` launch
+  constexpr (``ProjPlan.dense_sk``) for the dense ``weight``, per unit in down's since version 3);
 * ``right_tile``: a tile of a right factor act(R_f) in any of its three forms — stored rows (per expert or a
   group's rows), a basis mix act(Σ_j mix_fj·B_j) generated in registers from the bases, or the residual's one-hot
   bucket indicator built from the stored bucket ids (Pᵀ up to the per-bucket scale). The index arguments are 2-D and only need to broadcast,
@@ -24,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vllm_moe_lowrank.format import scale_axis
+from vllm_moe_lowrank.format import PROJS, SUPPORTED_VERSIONS, scale_axis
 
 
 @triton.jit
@@ -61,17 +62,27 @@ E_OFF, E_STRIDE, B_OFF, S_OFF, B_IN, RES_W = 15, 16, 17, 18, 19, 20  # residual:
 # FP8 factors: offset of the float32 scales of each factor in its scale buffer (0 for float factors)
 D_SC, L_SC, V_SC, E_SC = 21, 22, 23, 24  # weight, lr_u (slot-shifted), lr_v (group-shifted), res_eta
 PROJ_COLS = 25
-# FP8 scale axes, from the format (``format.scale_axis``): True where a tensor's scales index its second axis (in
-# kernel terms its input / rank / bucket columns), False where they index its rows
-SK_WEIGHT = tl.constexpr(scale_axis("weight") == 1)
-SK_LR_U = tl.constexpr(scale_axis("lr_u") == 1)
-SK_LR_V = tl.constexpr(scale_axis("lr_v") == 1)
-SK_ETA = tl.constexpr(scale_axis("res_eta") == 1)
-SK_BASE = tl.constexpr(scale_axis("base") == 1)
 PROJ_BASE = {"gate": 0, "up": PROJ_COLS, "down": 2 * PROJ_COLS}
 BASE_LR_START = 3 * PROJ_COLS  # down base, units "lowrank": where the low-rank units start in h
 ZERO = BASE_LR_START + 1  # always 0
 NCOLS = BASE_LR_START + 2
+
+
+def _fixed_axis(suffix: str) -> tl.constexpr:
+    """True where tensor ``suffix``'s FP8 scales index its second axis (in kernel terms its input / rank / bucket
+    columns), False where they index its rows: ``format.scale_axis``, which must agree for every projection and
+    supported version (the dense ``weight``'s does not: it is a launch constexpr, ``ProjPlan.dense_sk``)."""
+    axes = {scale_axis(p, suffix, v) for p in PROJS for v in SUPPORTED_VERSIONS}
+    if len(axes) != 1:
+        raise RuntimeError(f"format.scale_axis of {suffix} varies by projection or version: make it a launch arg")
+    return tl.constexpr(axes.pop() == 1)
+
+
+# FP8 scale axes of the tensors whose axis the format fixes
+SK_LR_U = _fixed_axis("lr_u")
+SK_LR_V = _fixed_axis("lr_v")
+SK_ETA = _fixed_axis("res_eta")
+SK_BASE = _fixed_axis("base")
 
 
 @triton.jit

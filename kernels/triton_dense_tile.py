@@ -11,8 +11,9 @@ stage; which is faster is a property of the device, so the switch point is a mea
 ``_gate_up_dt_kernel`` writes h = silu(gate) ⊙ up (same epilogue as the low-rank path); ``_down_dt_kernel`` writes
 the pairs' unweighted down outputs. The shared down base stays in ``triton_combine``.
 
-FP8 factors (``Q``): every factor tile is loaded as float8 and scaled in registers (``load_w``) before the rebuild,
-which is float32 anyway; the rebuilt tile is cast to the activation dtype for the GEMM.
+FP8 factors (``Q``): every factor tile is loaded as float8 and scaled in registers (``load_w``; the dense weight's
+scale axis is the launch constexpr ``SK_D``) before the rebuild, which is float32 anyway; the rebuilt tile is cast to
+the activation dtype for the GEMM.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def _residual_tile(Wt, mrow, out_idx, out_ok, kk, W_E, BKT, SCALE, S_E, PB: tl.c
 def _gu_tile(mrow, units, u0, nunits, kk, N, W_D, W_L, V, MIX, W_E, BKT, SCALE, S_D, S_L, S_V, S_E, CDP,
              PB: tl.constexpr, DENSE: tl.constexpr, LR: tl.constexpr, RMODE: tl.constexpr, ACT: tl.constexpr,
              J: tl.constexpr, RES: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
-             F32: tl.constexpr, Q: tl.constexpr):
+             F32: tl.constexpr, Q: tl.constexpr, SK_D: tl.constexpr):
     """[BK, BN] float32 tile of gate/up's weightᵀ (inputs kk × local units) rebuilt from the function's terms."""
     Wt = tl.zeros([BK, BN], dtype=tl.float32)
     if DENSE:
@@ -83,7 +84,7 @@ def _gu_tile(mrow, units, u0, nunits, kk, N, W_D, W_L, V, MIX, W_E, BKT, SCALE, 
         ook = (oi >= 0) & (oi < dl)
         w = load_w(W_D + tl.load(mrow + PB + C.D_OFF) + oi[None, :] * tl.load(mrow + PB + C.D_STRIDE) + kk[:, None],
                    ook[None, :] & (kk[:, None] < N), S_D, tl.load(mrow + PB + C.D_SC), oi[None, :], ook[None, :],
-                   kk[:, None], kk[:, None] < N, Q, C.SK_WEIGHT)
+                   kk[:, None], kk[:, None] < N, Q, SK_D)
         Wt += w.to(tl.float32)
     if LR:
         ls = tl.load(mrow + PB + C.L_START)
@@ -103,9 +104,9 @@ def _gate_up_dt_kernel(X, stride_x, N, H, stride_h, SORTED, BLOCK_FUNC, BLOCK_RO
                        U_WD, U_WL, U_V, U_MIX, U_WE, U_BKT, U_SC, U_SD, U_SL, U_SV, U_SE,
                        K: tl.constexpr, Q: tl.constexpr,
                        G_DENSE: tl.constexpr, G_LR: tl.constexpr, G_RMODE: tl.constexpr, G_ACT: tl.constexpr,
-                       G_J: tl.constexpr, G_RES: tl.constexpr,
+                       G_J: tl.constexpr, G_RES: tl.constexpr, G_SK_D: tl.constexpr,
                        U_DENSE: tl.constexpr, U_LR: tl.constexpr, U_RMODE: tl.constexpr, U_ACT: tl.constexpr,
-                       U_J: tl.constexpr, U_RES: tl.constexpr,
+                       U_J: tl.constexpr, U_RES: tl.constexpr, U_SK_D: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, F32: tl.constexpr):
     f, ok, pos = block_of(BLOCK_FUNC, BLOCK_ROWS, tl.program_id(0), BM)
     if f < 0:
@@ -123,10 +124,10 @@ def _gate_up_dt_kernel(X, stride_x, N, H, stride_h, SORTED, BLOCK_FUNC, BLOCK_RO
         kk = k0 + tl.arange(0, BK)
         a = tl.load(X + x_row[:, None] * stride_x + kk[None, :], mask=ok[:, None] & (kk[None, :] < N), other=0.0)
         wg = _gu_tile(mrow, units, u0, nunits, kk, N, G_WD, G_WL, G_V, G_MIX, G_WE, G_BKT, G_SC, G_SD, G_SL, G_SV,
-                      G_SE, H, 0, G_DENSE, G_LR, G_RMODE, G_ACT, G_J, G_RES, BK, BN, BR, F32, Q)
+                      G_SE, H, 0, G_DENSE, G_LR, G_RMODE, G_ACT, G_J, G_RES, BK, BN, BR, F32, Q, G_SK_D)
         acc_g = mm(a, wg.to(a.dtype), acc_g, F32)
         wu = _gu_tile(mrow, units, u0, nunits, kk, N, U_WD, U_WL, U_V, U_MIX, U_WE, U_BKT, U_SC, U_SD, U_SL, U_SV,
-                      U_SE, H, C.PROJ_COLS, U_DENSE, U_LR, U_RMODE, U_ACT, U_J, U_RES, BK, BN, BR, F32, Q)
+                      U_SE, H, C.PROJ_COLS, U_DENSE, U_LR, U_RMODE, U_ACT, U_J, U_RES, BK, BN, BR, F32, Q, U_SK_D)
         acc_u = mm(a, wu.to(a.dtype), acc_u, F32)
     g = acc_g.to(H.dtype.element_ty).to(tl.float32)
     u = acc_u.to(H.dtype.element_ty).to(tl.float32)
@@ -140,7 +141,7 @@ def _down_dt_kernel(H, stride_h, Y, stride_y, N, BLOCK_FUNC, BLOCK_ROWS, META, W
                     S_D, S_L, S_V, S_E, Q: tl.constexpr, DENSE: tl.constexpr, LR: tl.constexpr, RMODE: tl.constexpr,
                     ACT: tl.constexpr, J: tl.constexpr,
                     RES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-                    F32: tl.constexpr):
+                    F32: tl.constexpr, SK_D: tl.constexpr):
     f, ok, pos = block_of(BLOCK_FUNC, BLOCK_ROWS, tl.program_id(0), BM)
     if f < 0:
         return
@@ -167,7 +168,7 @@ def _down_dt_kernel(H, stride_h, Y, stride_y, N, BLOCK_FUNC, BLOCK_ROWS, META, W
             oi = kk - ds
             ook = (oi[:, None] >= 0) & (oi[:, None] < dl)
             w = load_w(W_D + d_off + cols[None, :] * d_stride + oi[:, None], cok[None, :] & ook, S_D, d_sc,
-                       cols[None, :], cok[None, :], oi[:, None], ook, Q, C.SK_WEIGHT)
+                       cols[None, :], cok[None, :], oi[:, None], ook, Q, SK_D)
             Wt += w.to(tl.float32)
         if LR:
             Wt = _lowrank_tile(Wt, mrow, cols, cok, kk - ls, W_L, V, MIX, S_L, S_V, Y, PB, RMODE, ACT, J, BR, F32, Q)
@@ -186,7 +187,7 @@ def _args(pp: ProjPlan, plan: Plan, prefix: str) -> tuple[list, dict]:
             pp.dense_s if pp.dense is not None else df, L.u_s if L else df, L.v_s if L else df, R.eta_s if R else df]
     kw = {f"{prefix}DENSE": pp.dense is not None, f"{prefix}LR": L is not None,
           f"{prefix}RMODE": L.right_mode if L else 0, f"{prefix}ACT": L.act if L else 0, f"{prefix}J": L.J if L else 1,
-          f"{prefix}RES": R is not None}
+          f"{prefix}RES": R is not None, f"{prefix}SK_D": pp.dense_sk}
     return ptrs, kw
 
 

@@ -14,8 +14,9 @@ A tile overlapping only one unit segment skips the other segment's term. ``_down
 hidden tiles) sums down's dense (h's exact-unit columns), low-rank (t_down @ L_fᵀ) and residual (u_down @ eta_fᵀ)
 terms into the pair's output row (not yet weighted; ``triton_combine`` gathers and weights it).
 
-FP8 factors (``Q``): weight tiles are loaded as float8 and scaled in registers (``load_w``: dense weight and eta per
-output row, L per rank column), then cast to the activation dtype for the product (float32 accumulation).
+FP8 factors (``Q``): weight tiles are loaded as float8 and scaled in registers (``load_w``: eta per bucket, L per
+rank column, the dense weight along its format axis ``SK_D``: gate/up per unit row, down per unit column since
+format v3), then cast to the activation dtype for the product (float32 accumulation).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def _proj_tile(mrow, units, u0, nunits, X, x_row, stride_x, N, TB, stride_tb, po
                W_D, W_L, W_E, MIX, S_D, S_L, S_E, CDP,
                PB: tl.constexpr, DENSE: tl.constexpr, LR: tl.constexpr, LR_COL: tl.constexpr, J: tl.constexpr,
                RES: tl.constexpr, RES_COL: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr, Q: tl.constexpr):
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr, Q: tl.constexpr,
+               SK_D: tl.constexpr):
     """[BM, BN] float32: one gate/up projection of the block's pairs on the unit tile [u0, u0 + BN)."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     if DENSE:
@@ -76,7 +78,7 @@ def _proj_tile(mrow, units, u0, nunits, X, x_row, stride_x, N, TB, stride_tb, po
             oi = units - ds
             acc = _term(acc, X, x_row, stride_x, 0, row_ok, N, W_D, tl.load(mrow + PB + C.D_OFF),
                         tl.load(mrow + PB + C.D_STRIDE), oi, (oi >= 0) & (oi < dl), MIX, 0,
-                        S_D, tl.load(mrow + PB + C.D_SC), CDP, False, 1, BM, BK, F32, Q, C.SK_WEIGHT)
+                        S_D, tl.load(mrow + PB + C.D_SC), CDP, False, 1, BM, BK, F32, Q, SK_D)
     if LR != 0:
         ls = tl.load(mrow + PB + C.L_START)
         ll = tl.load(mrow + PB + C.L_LEN)
@@ -110,9 +112,9 @@ def _gate_up_kernel(X, stride_x, N, TB, stride_tb, TS, stride_ts, H, stride_h,
                     G_WD, G_WL, G_WE, G_MIX, G_SD, G_SL, G_SE, U_WD, U_WL, U_WE, U_MIX, U_SD, U_SL, U_SE,
                     K: tl.constexpr, Q: tl.constexpr,
                     G_DENSE: tl.constexpr, G_LR: tl.constexpr, G_LR_COL: tl.constexpr, G_J: tl.constexpr,
-                    G_RES: tl.constexpr, G_RES_COL: tl.constexpr,
+                    G_RES: tl.constexpr, G_RES_COL: tl.constexpr, G_SK_D: tl.constexpr,
                     U_DENSE: tl.constexpr, U_LR: tl.constexpr, U_LR_COL: tl.constexpr, U_J: tl.constexpr,
-                    U_RES: tl.constexpr, U_RES_COL: tl.constexpr,
+                    U_RES: tl.constexpr, U_RES_COL: tl.constexpr, U_SK_D: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr):
     f, ok, pos = block_of(BLOCK_FUNC, BLOCK_ROWS, tl.program_id(0), BM)
     if f < 0:
@@ -127,10 +129,10 @@ def _gate_up_kernel(X, stride_x, N, TB, stride_tb, TS, stride_ts, H, stride_h,
     pos = pos.to(tl.int64)
     g = _proj_tile(mrow, units, u0, nunits, X, x_row, stride_x, N, TB, stride_tb, pos, TS, stride_ts, ok,
                    G_WD, G_WL, G_WE, G_MIX, G_SD, G_SL, G_SE, H, 0, G_DENSE, G_LR, G_LR_COL, G_J, G_RES, G_RES_COL,
-                   BM, BN, BK, F32, Q)
+                   BM, BN, BK, F32, Q, G_SK_D)
     u = _proj_tile(mrow, units, u0, nunits, X, x_row, stride_x, N, TB, stride_tb, pos, TS, stride_ts, ok,
                    U_WD, U_WL, U_WE, U_MIX, U_SD, U_SL, U_SE, H, C.PROJ_COLS, U_DENSE, U_LR, U_LR_COL, U_J, U_RES,
-                   U_RES_COL, BM, BN, BK, F32, Q)
+                   U_RES_COL, BM, BN, BK, F32, Q, U_SK_D)
     g = g.to(H.dtype.element_ty).to(tl.float32)  # the projections are rounded to the activation dtype, as in torch
     u = u.to(H.dtype.element_ty).to(tl.float32)
     h = g * tl.sigmoid(g) * u
@@ -142,7 +144,8 @@ def _gate_up_kernel(X, stride_x, N, TB, stride_tb, TS, stride_ts, H, stride_h,
 def _down_kernel(H, stride_h, TB, stride_tb, Y, stride_y, N, BLOCK_FUNC, BLOCK_ROWS, META, W_D, W_L, W_E,
                  S_D, S_L, S_E, Q: tl.constexpr, DENSE: tl.constexpr, LR: tl.constexpr, LR_COL: tl.constexpr,
                  RES: tl.constexpr,
-                 RES_COL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr):
+                 RES_COL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr,
+                 SK_D: tl.constexpr):
     f, ok, pos = block_of(BLOCK_FUNC, BLOCK_ROWS, tl.program_id(0), BM)
     if f < 0:
         return
@@ -154,7 +157,7 @@ def _down_kernel(H, stride_h, TB, stride_tb, Y, stride_y, N, BLOCK_FUNC, BLOCK_R
     if DENSE:
         acc = _term(acc, H, pos, stride_h, tl.load(mrow + C.D_START), ok, tl.load(mrow + C.D_LEN), W_D,
                     tl.load(mrow + C.D_OFF), tl.load(mrow + C.D_STRIDE), cols, cok, W_D, 0, S_D,
-                    tl.load(mrow + C.D_SC), Y, False, 1, BM, BK, F32, Q, C.SK_WEIGHT)
+                    tl.load(mrow + C.D_SC), Y, False, 1, BM, BK, F32, Q, SK_D)
     if LR:
         acc = _term(acc, TB, pos, stride_tb, LR_COL, ok, tl.load(mrow + C.RANK), W_L, tl.load(mrow + C.L_OFF),
                     tl.load(mrow + C.L_STRIDE), cols, cok, W_L, 0, S_L, tl.load(mrow + C.L_SC), Y, False, 1, BM, BK,
@@ -181,7 +184,7 @@ def _proj_args(pp: ProjPlan, dummy: torch.Tensor, prefix: str) -> tuple[list, di
             R.eta_s if R else dummy]
     kw = {f"{prefix}_DENSE": pp.dense is not None, f"{prefix}_LR": _lr_kind(pp),
           f"{prefix}_LR_COL": L.col if L else 0, f"{prefix}_J": L.J if L else 1,
-          f"{prefix}_RES": R is not None, f"{prefix}_RES_COL": R.col if R else 0}
+          f"{prefix}_RES": R is not None, f"{prefix}_RES_COL": R.col if R else 0, f"{prefix}_SK_D": pp.dense_sk}
     return ptrs, kw
 
 
@@ -218,5 +221,5 @@ def down(h: torch.Tensor, srt: Sorted, plan: Plan, td, cfg: dict) -> torch.Tenso
                        L.u_s if L else dummy, R.eta_s if R else dummy, Q=plan.q, DENSE=pp.dense is not None,
                        LR=L is not None,
                        LR_COL=L.col if L else 0, RES=R is not None, RES_COL=R.col if R else 0, BM=srt.bm, BN=bn,
-                       BK=cfg["bk"], F32=cfg["f32"])
+                       BK=cfg["bk"], F32=cfg["f32"], SK_D=pp.dense_sk)
     return y

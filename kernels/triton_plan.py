@@ -17,7 +17,8 @@ down's input differs per pair (h), so down always uses ``pair``.
 
 FP8 factors (``Plan.q``): the kernels read the FP8 buffers directly; each factor's float32 scale buffer is kept
 beside it (``*_s``; a dummy for float factors) and the meta table gives each function's scale offsets (``C.D_SC``
-...). A stored right factor's act is then applied on the dequantized tile (``Lowrank.act``), not at load.
+...); ``ProjPlan.dense_sk`` is the dense weight's scale axis, which depends on the projection and the version. A
+stored right factor's act is then applied on the dequantized tile (``Lowrank.act``), not at load.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_moe_lowrank.format import Act, scale_axis
+from vllm_moe_lowrank.format import Act
 
 from . import triton_common as C
 from .layout import LayerLayout
@@ -66,6 +67,7 @@ class ProjPlan:
     base: int  # first meta column of this projection
     dense: torch.Tensor | None = None  # weight buffer
     dense_s: torch.Tensor | None = None  # its scale buffer (FP8) or a dummy
+    dense_sk: bool = False  # FP8 weight scales index its columns (down's units, format v3), not its rows
     lowrank: Lowrank | None = None
     residual: Residual | None = None
     umax: int = 0  # largest local unit count
@@ -125,6 +127,7 @@ def build_plan(layout: LayerLayout, bufs: dict[str, torch.Tensor], topk: int) ->
         if ps.dense is not None:
             pp.dense = bufs[layout.blocks[layout.name(p, "weight", reps[0])].buffer] if reps else dummy_f
             pp.dense_s = scale_of(layout.name(p, "weight", reps[0]))[0] if reps else dummy_f
+            pp.dense_sk = layout.quantized and bool(reps) and blk("weight", reps[0]).spec.scale_axis == 1
             for f, e in enumerate(reps):
                 pl, b = layout.units[e].place(ps.dense.units), blk("weight", e)
                 meta[f][pb + C.D_START], meta[f][pb + C.D_LEN] = pl.start, pl.stop - pl.start
@@ -160,7 +163,7 @@ def build_plan(layout: LayerLayout, bufs: dict[str, torch.Tensor], topk: int) ->
                     s = lr.left_slots[e]
                     b = layout.blocks[layout.name(p, "lr_u", None)]
                     row[pb + C.L_OFF], row[pb + C.L_STRIDE] = b.offset + sum(sranks[:s]), b.shape[1]
-                    row[pb + C.L_SC] = scale_of(b.spec.name)[1] + (sum(sranks[:s]) if scale_axis("lr_u") == 1 else 0)
+                    row[pb + C.L_SC] = scale_of(b.spec.name)[1] + (sum(sranks[:s]) if b.spec.scale_axis == 1 else 0)
                 else:
                     b = blk("lr_u", e)
                     row[pb + C.L_OFF], row[pb + C.L_STRIDE] = b.offset, b.shape[1]
@@ -175,7 +178,7 @@ def build_plan(layout: LayerLayout, bufs: dict[str, torch.Tensor], topk: int) ->
                     goff = sum(granks[:lr.right_groups[e]])
                     row[pb + C.V_OFF], row[pb + C.V_STRIDE] = b.offset + goff * b.shape[1], b.shape[1]
                     row[pb + C.TOK_COL] = goff
-                    row[pb + C.V_SC] = scale_of(b.spec.name)[1] + (goff if scale_axis("lr_v") == 0 else 0)
+                    row[pb + C.V_SC] = scale_of(b.spec.name)[1] + (goff if b.spec.scale_axis == 0 else 0)
                 else:
                     b = blk("lr_v", e)
                     row[pb + C.V_OFF], row[pb + C.V_STRIDE] = b.offset, b.shape[1]

@@ -78,3 +78,18 @@ def hf_refs(case_root):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """tiny_models(model_type) -> the folder of model_factory's tiny random model, built once per session."""
+    from model_factory import make_tiny_model
+
+    built: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in built:
+            built[model_type] = make_tiny_model(model_type, tmp_path_factory.mktemp(model_type) / "model")
+        return built[model_type]
+
+    return get

@@ -52,8 +52,21 @@ FAMILY_CONFIGS = {
 }
 
 
+# the MoE layers ``arch.detect`` must find in each tiny model above (DeepSeek, GLM-4.5, ERNIE-4.5: dense first layer)
+EXPECTED_MOE_LAYERS = {"qwen3_moe": (0, 1), "qwen2_moe": (0, 1, 2), "mixtral": (0, 1, 2), "olmoe": (0, 1, 2),
+                       "deepseek_v2": (1, 2), "deepseek_v3": (1, 2), "glm4_moe": (1, 2), "ernie4_5_moe": (1, 2),
+                       "phimoe": (0, 1, 2), "minimax_m2": (0, 1, 2), "qwen3_next": (0, 1, 2), "granitemoe": (0, 1, 2)}
+
 # architectures the released checkpoints name where transformers' class name differs (vLLM resolves by it)
 RELEASED_ARCHITECTURES = {"phimoe": "PhiMoEForCausalLM"}
+
+
+def moe_block(model, layer: int, model_type: str):
+    """transformers' MoE block of a decoder layer (through the family's in-memory name)."""
+    from vllm_moe_lowrank.converters.arch import FAMILIES
+
+    fam = FAMILIES[model_type]
+    return model.model.layers[layer].get_submodule(fam.module_block or fam.block)
 
 
 def make_tiny_model(model_type: str, out: Path, seed: int = 0, **overrides) -> Path:

@@ -1,5 +1,6 @@
-"""Model adapters: every supported architecture runs layer by layer exactly like the full transformers model,
-and converts end to end (tiny random models; DeepSeek: dense first layer, shared experts, grouped routing)."""
+"""Model adapters: every supported architecture runs layer by layer exactly like the full transformers model
+(the families of issue #17 included; their conversions: test_families.py), and converts end to end (tiny random
+models; DeepSeek: dense first layer, shared experts, grouped routing)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pytest
 import torch
-from model_factory import ARCH_CONFIGS, make_tiny_model
+from model_factory import ARCH_CONFIGS, EXPECTED_MOE_LAYERS, FAMILY_CONFIGS, moe_block
 
 from vllm_moe_lowrank.converters import cli
 from vllm_moe_lowrank.converters.arch import detect
@@ -16,23 +17,25 @@ from vllm_moe_lowrank.converters.experts import load_expert_weights
 from vllm_moe_lowrank.converters.runner import ExpertsProbe, LayerRunner
 from vllm_moe_lowrank.converters.verify import verify_checkpoint
 
-EXPECTED_MOE_LAYERS = {"qwen3_moe": (0, 1), "qwen2_moe": (0, 1, 2), "mixtral": (0, 1, 2), "olmoe": (0, 1, 2),
-                       "deepseek_v2": (1, 2), "deepseek_v3": (1, 2)}
-
 
 @pytest.fixture(scope="module", params=sorted(ARCH_CONFIGS))
-def tiny(request, tmp_path_factory):
-    return request.param, make_tiny_model(request.param, tmp_path_factory.mktemp(request.param) / "model")
+def tiny(request, tiny_models):
+    return request.param, tiny_models(request.param)
 
 
-def test_layer_runner_matches_full_model(tiny):
-    model_type, path = tiny
+@pytest.mark.parametrize("model_type", sorted(ARCH_CONFIGS) + sorted(FAMILY_CONFIGS))
+def test_layer_runner_matches_full_model(model_type, tiny_models):
+    """Layer by layer the runner reproduces the full model, in eval mode (PhiMoE's sparsemixer router samples with
+    jitter in training mode, so a runner left in training mode fails this); its probe sits where transformers keeps
+    the experts and holds the checkpoint's experts; a released layer keeps nothing in memory."""
     from transformers import AutoModelForCausalLM
 
+    path = tiny_models(model_type)
     ckpt = Checkpoint(path)
     arch = detect(ckpt.config)
     assert arch.moe_layers == EXPECTED_MOE_LAYERS[model_type]
     runner = LayerRunner(ckpt, arch)
+    assert not any(m.training for m in runner.model.modules())
     ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(0))
     hidden = [runner.embed(ids)]
     full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -42,6 +45,11 @@ def test_layer_runner_matches_full_model(tiny):
     for layer in range(arch.num_layers - 1):
         weights = load_expert_weights(ckpt, arch, layer) if layer in arch.moe_layers else None
         module, probe = runner.load_layer(layer, weights)
+        if probe is not None:  # the probe sits where transformers keeps the experts (Granite: block_sparse_moe)
+            assert module.get_submodule(arch.experts_module) is probe
+            torch.testing.assert_close(  # and holds the checkpoint's experts, split from fused tensors on read
+                probe.fn(0, hidden[0][0, :3]), moe_block(full, layer, model_type).experts(
+                    hidden[0][0, :3], torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)), rtol=1e-5, atol=1e-5)
         hidden = runner.forward_layer(module, hidden)
         runner.release_layer(layer)
         # released means nothing of the layer stays in memory: no probe holding its experts, only meta tensors

@@ -20,7 +20,8 @@ from safetensors import safe_open
 from vllm_moe_lowrank.converters import cli
 from vllm_moe_lowrank.converters.checkpoint import Checkpoint
 from vllm_moe_lowrank.converters.verify import verify_checkpoint
-from vllm_moe_lowrank.format import PROJS, MoELowRankConfig, materialize_projection
+from vllm_moe_lowrank.format import PROJS, MoELowRankConfig
+from vllm_moe_lowrank.materialize import materialize_projection
 
 CALIB = ["--calib-data", str(FIXTURE / "calib.txt"), "--num-samples", "16", "--seq-len", "128"]
 
@@ -266,7 +267,7 @@ def test_down_fit_on_compressed_intermediates_lowers_in_sample_error():
     from method_fakes import fake_calib, fake_weights, make_method
 
     from vllm_moe_lowrank.converters.calibration import dense_expert_fn, moe_output
-    from vllm_moe_lowrank.converters.pipeline import _cast_layer, _written_expert_fn
+    from vllm_moe_lowrank.converters.layer_fit import cast_layer, written_expert_fn
 
     calib, w = fake_calib(16, 192, T=1500, k=4), fake_weights(16, 192, 192)
     exact = moe_output(calib.x, calib.topk_ids, calib.topk_weights, dense_expert_fn(w.gate, w.up, w.down))
@@ -275,8 +276,8 @@ def test_down_fit_on_compressed_intermediates_lowers_in_sample_error():
         calib.opts = replace(calib.opts, down_fit=mode)
         m = make_method("svd", 0.6, [])
         comp = m.compress_layer(0, w, calib)
-        tensors = _cast_layer(m.arch, "svd", 0, comp, torch.float32)
-        y = moe_output(calib.x, calib.topk_ids, calib.topk_weights, _written_expert_fn(m.arch, "svd", 0, comp, tensors))
+        tensors = cast_layer(m.arch, "svd", 0, comp, torch.float32)
+        y = moe_output(calib.x, calib.topk_ids, calib.topk_weights, written_expert_fn(m.arch, "svd", 0, comp, tensors))
         errs[mode] = float((y - exact).norm() / exact.norm())
     assert errs["compressed"] < 0.97 * errs["dense"]
 

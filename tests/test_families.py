@@ -2,8 +2,8 @@
 adapter is one entry of ``arch.FAMILIES``; here each is checked on a tiny random model built from transformers' own
 config class:
 
-- the layer runner reproduces the full transformers model layer by layer (eval mode: PhiMoE's sparsemixer router
-  samples with jitter in training mode, so a runner left in training mode fails this);
+- the layer runner reproduces the full transformers model layer by layer (test_arch.py, with every other family),
+  in eval mode (PhiMoE's router: test_router_takes_its_inference_path);
 - ``moe-convert`` with ``svd`` and one of the four methods writes a verified checkpoint whose router, router bias
   and shared experts are the source's, and whose dense export loads in transformers (Granite: fused again);
 - served: GLM-4.5 and PhiMoE run in vLLM (CPU), greedy tokens equal to transformers on the dense export;
@@ -18,18 +18,16 @@ import json
 
 import pytest
 import torch
-from model_factory import FAMILY_CONFIGS, make_tiny_model
+from model_factory import FAMILY_CONFIGS, make_tiny_model, moe_block
 
 from vllm_moe_lowrank.converters import cli
 from vllm_moe_lowrank.converters.arch import FAMILIES, detect
 from vllm_moe_lowrank.converters.checkpoint import Checkpoint
 from vllm_moe_lowrank.converters.errors import UnsupportedModelError
 from vllm_moe_lowrank.converters.experts import load_expert_weights
-from vllm_moe_lowrank.converters.runner import ExpertsProbe, LayerRunner
+from vllm_moe_lowrank.converters.runner import LayerRunner
 from vllm_moe_lowrank.converters.verify import verify_checkpoint
 
-EXPECTED_MOE_LAYERS = {"glm4_moe": (1, 2), "ernie4_5_moe": (1, 2), "phimoe": (0, 1, 2), "minimax_m2": (0, 1, 2),
-                       "qwen3_next": (0, 1, 2), "granitemoe": (0, 1, 2)}
 # the second method each family is converted with (besides svd); served / layer-checked in that form
 SECOND_METHOD = {"glm4_moe": ["--method", "rfid-moe", "--ratio", "0.4"],
                  "ernie4_5_moe": ["--method", "rs-moe", "--ratio", "0.4", "-o", "mine_steps=50"],
@@ -50,20 +48,7 @@ def calib(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    """sources(model_type) -> the tiny model's folder, built once."""
-    built: dict[str, object] = {}
-
-    def get(model_type: str):
-        if model_type not in built:
-            built[model_type] = make_tiny_model(model_type, tmp_path_factory.mktemp(model_type) / "model")
-        return built[model_type]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def converted(sources, calib, tmp_path_factory):
+def converted(tiny_models, calib, tmp_path_factory):
     """converted(model_type, args) -> (compressed, dense export or None), converted once; only the second
     method's conversion is exported (it is the one served / layer-checked)."""
     built: dict[tuple, tuple] = {}
@@ -73,7 +58,7 @@ def converted(sources, calib, tmp_path_factory):
         if key not in built:
             root = tmp_path_factory.mktemp(f"{model_type}-{args[1]}")
             export = args == SECOND_METHOD[model_type]
-            cli.main([*args, str(sources(model_type)), str(root / "comp"), "--calib-data", str(calib), *CALIB,
+            cli.main([*args, str(tiny_models(model_type)), str(root / "comp"), "--calib-data", str(calib), *CALIB,
                       *(["--export-dense", str(root / "dense")] if export else [])])
             built[key] = root / "comp", (root / "dense" if export else None)
         return built[key]
@@ -82,45 +67,8 @@ def converted(sources, calib, tmp_path_factory):
 
 
 @pytest.fixture(params=sorted(FAMILY_CONFIGS))
-def tiny(request, sources):
-    return request.param, sources(request.param)
-
-
-def _block(model, layer: int, model_type: str):
-    """transformers' MoE block of a decoder layer (through the family's in-memory name)."""
-    fam = FAMILIES[model_type]
-    return model.model.layers[layer].get_submodule(fam.module_block or fam.block)
-
-
-def test_layer_runner_matches_full_model(tiny):
-    model_type, path = tiny
-    from transformers import AutoModelForCausalLM
-
-    ckpt = Checkpoint(path)
-    arch = detect(ckpt.config)
-    assert arch.moe_layers == EXPECTED_MOE_LAYERS[model_type]
-    runner = LayerRunner(ckpt, arch)
-    assert not any(m.training for m in runner.model.modules())
-    ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(0))
-    hidden = [runner.embed(ids)]
-    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        ref = full(ids, output_hidden_states=True).hidden_states  # embeddings, then each layer (last is normed)
-    for layer in range(arch.num_layers - 1):
-        weights = load_expert_weights(ckpt, arch, layer) if layer in arch.moe_layers else None
-        module, probe = runner.load_layer(layer, weights)
-        if probe is not None:  # the probe sits where transformers keeps the experts (Granite: block_sparse_moe)
-            assert module.get_submodule(arch.experts_module) is probe
-            torch.testing.assert_close(  # and holds the checkpoint's experts, split from fused tensors on read
-                probe.fn(0, hidden[0][0, :3]), _block(full, layer, model_type).experts(
-                    hidden[0][0, :3], torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)), rtol=1e-5, atol=1e-5)
-        hidden = runner.forward_layer(module, hidden)
-        runner.release_layer(layer)
-        assert not any(isinstance(m, ExpertsProbe) for m in module.modules())
-        torch.testing.assert_close(hidden[0], ref[layer + 1], rtol=1e-5, atol=1e-5)
-        if probe is not None:
-            calib = probe.calibration(arch.num_experts)
-            assert calib.num_tokens == 48 and int(calib.counts().sum()) == 48 * arch.top_k
+def tiny(request, tiny_models):
+    return request.param, tiny_models(request.param)
 
 
 def test_router_takes_its_inference_path(tmp_path):
@@ -170,7 +118,7 @@ def _check_dense_export(model_type: str, out, dense, cfg) -> None:
     """transformers loads the export (Granite: experts fused again) and its experts are the materialized ones."""
     from transformers import AutoModelForCausalLM
 
-    from vllm_moe_lowrank.format import materialize_projection
+    from vllm_moe_lowrank.materialize import materialize_projection
 
     fused = FAMILIES[model_type].fused
     if fused:  # written in the family's own layout again, or transformers would not load the experts
@@ -184,7 +132,7 @@ def _check_dense_export(model_type: str, out, dense, cfg) -> None:
                 return materialize_projection(cfg, layer, p, e, comp.get)
             return comp.get(cfg.tensor_name(layer, p, "weight", e))
 
-        experts = _block(model, layer, model_type).experts
+        experts = moe_block(model, layer, model_type).experts
         assert experts.gate_up_proj.shape[1] == 2 * cfg.intermediate_size
         for e in (0, cfg.num_experts - 1):
             torch.testing.assert_close(experts.gate_up_proj[e], torch.cat([weight("gate", e), weight("up", e)]).float())
@@ -282,7 +230,7 @@ def test_plugin_layer_matches_dense_export(model_type, converted):
     x = torch.randn(1, 40, cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for layer in sorted(cfg.layers):
-            block = _block(hf, layer, model_type)
+            block = moe_block(hf, layer, model_type)
             ref = block(x)
             block.experts = _PluginExperts(*_plugin_layer(cfg, ckpt, layer))
             got = block(x)

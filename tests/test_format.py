@@ -10,8 +10,8 @@ import torch
 from specs import CASES
 
 from vllm_moe_lowrank.format import (FORMAT_VERSION, BaseTerm, DenseTerm, FormatError, LayerSpec, LowRankTerm,
-                                     MoELowRankConfig, ProjSpec, ResidualTerm, UnitSplit, bucket_projection,
-                                     materialize_projection)
+                                     MoELowRankConfig, ProjSpec, ResidualTerm, UnitSplit, bucket_projection)
+from vllm_moe_lowrank.materialize import materialize_projection
 
 E, N, M = 4, 12, 10
 

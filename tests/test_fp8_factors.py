@@ -1,4 +1,4 @@
-"""FP8 factors (format version 2, ``--factor-dtype fp8_e4m3``): specs with scales, rounding, the quantization-aware
+"""FP8 factors (format version ≥ 2, ``--factor-dtype fp8_e4m3``): specs with scales, rounding, the quantization-aware
 refit, the torch compute path on dequantized FP8 factors for every term kind under TP/EP, and version-1 reading.
 
 Layer level only (no vLLM); the served FP8 checkpoint is tests/test_vllm_offline.py's ``svd_fp8`` case.
@@ -11,14 +11,15 @@ import json
 import pytest
 import torch
 from specs import CASES
-from test_kernels import E, make_cfg, random_tensors, reference, routing, run_ranks
+from test_kernels import E, N, make_cfg, random_tensors, reference, routing, run_ranks
 
 from vllm_moe_lowrank.converters.calibration import LayerCalibration
 from vllm_moe_lowrank.converters.experts import ExpertWeights
 from vllm_moe_lowrank.converters.quantize import quantize_layer
-from vllm_moe_lowrank.format import (MoELowRankConfig, dequantize, materialize_projection,
-                                     quantize_rows, scale_axis)
-from vllm_moe_lowrank.kernels import LayerLayout
+from vllm_moe_lowrank.format import FORMAT_VERSION, MoELowRankConfig, scale_axis
+from vllm_moe_lowrank.kernels import LayerLayout, experts_forward
+from vllm_moe_lowrank.materialize import materialize_projection
+from vllm_moe_lowrank.rounding import dequantize, quantize_rows
 
 
 def fp8_cfg(case: str, seed: int = 0, **kw) -> MoELowRankConfig:
@@ -47,10 +48,47 @@ def test_specs_add_one_float32_scale_per_rank_or_row():
             assert s.dtype == "fp8" and s.is_param
             sc = specs[s.scale]
             assert sc.dtype == "float32" and not sc.is_param and sc.scale_of == name
-            assert sc.shape == (s.shape[scale_axis(s.suffix)],)
+            assert s.scale_axis == scale_axis(s.proj, s.suffix) and sc.shape == (s.shape[s.scale_axis],)
         else:
             assert s.dtype == plain[name].dtype and s.scale is None
-    assert scale_axis("lr_u") == 1 and scale_axis("lr_v") == 0 and scale_axis("weight") == 0
+    kinds = (("gate", "lr_u"), ("down", "lr_v"), ("up", "weight"), ("down", "base"), ("gate", "res_eta"),
+             ("down", "weight"))
+    assert [scale_axis(p, sfx) for p, sfx in kinds] == [1, 0, 0, 0, 1, 1]
+    assert [scale_axis(p, sfx, 2) for p, sfx in kinds] == [1, 0, 0, 0, 1, 0]  # version 2: down's weight per row
+
+
+@pytest.mark.parametrize("version", [2, FORMAT_VERSION])
+def test_down_kept_unit_weight_scales_per_unit_and_v2_rows_still_serve(version):
+    """RS-MoE's kept-unit down weight [n, exact]: one float32 scale per kept unit (format v3: ``tensor_specs`` gives
+    the scale shape [exact]); a version-2 FP8 layer (one scale per hidden row) still lays out, computes (torch path
+    under TP/EP against its materialized weights) and dequantizes at load (the CPU serving path) along its own axis."""
+    cfg = MoELowRankConfig.model_validate({**fp8_cfg("rs_moe", seed=1).model_dump(), "format_version": version})
+    specs = cfg.tensor_specs(1)
+    exact = cfg.layers[1].units.exact
+    plain = random_tensors(make_cfg_like(cfg), seed=1)
+    tensors, _ = quantize_layer(cfg, 1, plain, None, None)
+    for e in range(E):
+        s = specs[cfg.tensor_name(1, "down", "weight", e)]
+        assert s.shape == (N, exact[e]) and s.scale_axis == (1 if version >= 3 else 0)
+        assert specs[s.scale].shape == ((exact[e],) if version >= 3 else (N,))
+        q, sc, w = tensors[s.name], tensors[s.scale], plain[s.name]
+        sc = (sc[None, :] if version >= 3 else sc[:, None]).double()  # the axis, spelled out
+        big = w.abs() > sc * 2 ** -6  # normal e4m3 values: round to nearest within 2^-4
+        assert ((q.double() * sc - w).abs() <= (2 ** -4 + 1e-6) * w.abs())[big].all()
+    x, w, ids = routing(seed=1)
+    ref = reference(cfg, tensors, x, w, ids)
+    assert (ref - reference(make_cfg_like(cfg), plain, x, w, ids)).norm() < 0.08 * ref.norm()
+    for tp, ep in ((1, 1), (2, 1), (1, 2)):
+        torch.testing.assert_close(run_ranks(cfg, tensors, x, w, ids, tp=tp, ep=ep, dtype=torch.float32), ref,
+                                   rtol=1e-4, atol=1e-5)
+    layout = LayerLayout(cfg, 1, tp_rank=1, tp_size=2)
+    bufs = layout.new_buffers(torch.float32)
+    for name in layout.blocks:
+        layout.store(bufs, name, tensors[name])
+    bufs.update(layout.finalize(bufs))
+    before = experts_forward(layout, bufs, x.float(), w, ids)
+    bufs.update(layout.dequantize_at_load(bufs, torch.float32))
+    torch.testing.assert_close(experts_forward(layout, bufs, x.float(), w, ids), before)
 
 
 def test_rounding_error_is_within_e4m3_precision():
@@ -156,8 +194,8 @@ def test_format_version_1_still_reads_and_refuses_v2_fields():
     MoELowRankConfig.model_validate(cfg.model_dump())
     with pytest.raises(ValueError, match="factor_dtype and linear_quantization need format_version >= 2"):
         MoELowRankConfig.model_validate({**cfg.model_dump(), "factor_dtype": "fp8_e4m3"})
-    with pytest.raises(ValueError, match="format_version=3 is not supported.*supports 1, 2"):
-        MoELowRankConfig.model_validate({**cfg.model_dump(), "format_version": 3})
+    with pytest.raises(ValueError, match="format_version=4 is not supported.*supports 1, 2, 3"):
+        MoELowRankConfig.model_validate({**cfg.model_dump(), "format_version": 4})
 
 
 def test_v1_layer_computes_like_before():
@@ -171,7 +209,7 @@ def test_v1_layer_computes_like_before():
 
 # ----- the converter: --factor-dtype fp8_e4m3 on the fixture ----------------------------------------------------
 def test_convert_writes_fp8_and_counts_bytes(tmp_path, capsys):
-    """The fixture at ratio 0.3 with FP8 factors: format v2 with float8 data and float32 scales, the report's bytes
+    """The fixture at ratio 0.3 with FP8 factors: format v3 with float8 data and float32 scales, the report's bytes
     are the written tensors' bytes (≤ 0.36× the dense bf16 experts), its errors those of the written FP8 tensors,
     and --dry-run plans the same bytes."""
     from model_factory import FIXTURE
@@ -190,7 +228,7 @@ def test_convert_writes_fp8_and_counts_bytes(tmp_path, capsys):
     rep = json.loads((out / "moe_lowrank_report.json").read_text())
     ck = Checkpoint(out)
     cfg = MoELowRankConfig.from_hf_config(ck.config)
-    assert cfg.format_version == 2 and cfg.factor_dtype == "fp8_e4m3" and rep["factor_dtype"] == "fp8_e4m3"
+    assert cfg.format_version == FORMAT_VERSION and cfg.factor_dtype == "fp8_e4m3" and rep["factor_dtype"] == "fp8_e4m3"
     specs = cfg.all_expert_tensor_specs()
     with safe_open(out / ck.info(next(iter(specs))).file, "pt") as f:
         name = next(n for n, s in specs.items() if s.dtype == "fp8" and n in f.keys())
@@ -224,7 +262,8 @@ def test_dense_kept_layer_of_a_float_source_in_128_blocks(tmp_path):
 
     from vllm_moe_lowrank.converters.checkpoint import Checkpoint
     from vllm_moe_lowrank.converters.quantize import dense_fp8_tensors, dense_quant
-    from vllm_moe_lowrank.format import DENSE_FP8, DenseQuant, dense_weight
+    from vllm_moe_lowrank.format import DENSE_FP8, DenseQuant
+    from vllm_moe_lowrank.materialize import dense_weight
 
     cfg = fp8_cfg("svd", n=136, m=200).model_copy(update={"dense_quantization": DENSE_FP8})
     g = torch.Generator().manual_seed(3)

@@ -197,8 +197,9 @@ def test_dense_kept_layer_stays_fp8(which, request):
 def test_dense_kept_layer_of_a_float_source_in_fp8(qwen, tmp_path):
     """A float source with --factor-dtype fp8_e4m3: the dense-kept layer is quantized in 128×128 blocks
     (format.DENSE_FP8; here [1, 2] blocks per gate/up [128, 256]), within e4m3 rounding of the float weights (the
-    conversion propagates through the layer with these FP8 experts: pipeline._dense_fp8)."""
-    from vllm_moe_lowrank.format import DENSE_FP8, dense_weight
+    conversion propagates through the layer with these FP8 experts: layer_fit.dense_fp8)."""
+    from vllm_moe_lowrank.format import DENSE_FP8
+    from vllm_moe_lowrank.materialize import dense_weight
 
     out = tmp_path / "out"
     convert(qwen / "src", out, "moe-svd", "-o", "layers=1", "-o", "share=false", "--factor-dtype", "fp8_e4m3")

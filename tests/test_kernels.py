@@ -1,4 +1,4 @@
-"""The torch compute path against format.materialize_projection, for every term kind, under TP and EP splits.
+"""The torch compute path against materialize.materialize_projection, for every term kind, under TP and EP splits.
 
 Random small layers (float64, so agreement is to rounding); TP and EP are simulated by building one layout per
 rank and summing the ranks' un-reduced outputs, exactly as vLLM's all-reduce does. No vLLM needed.
@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from specs import CASES
-from vllm_moe_lowrank.format import FORMAT_VERSION, MoELowRankConfig, materialize_projection
+from vllm_moe_lowrank.format import FORMAT_VERSION, MoELowRankConfig
 from vllm_moe_lowrank.kernels import LayerLayout, experts_forward, moe_lowrank_experts, register_layout
+from vllm_moe_lowrank.materialize import materialize_projection
 
 E, N, M, T, K = 6, 10, 12, 9, 3
 

@@ -18,8 +18,9 @@ from vllm_moe_lowrank.converters.experts import ExpertWeights, load_expert_weigh
 from vllm_moe_lowrank.converters.methods.mobe import (MoBESettings, _Loss, balanced_groups, fit_bases, grouped_svd_bases,
                                               init_fit, solve_left, split_budget)
 from vllm_moe_lowrank.converters.verify import verify_checkpoint
-from vllm_moe_lowrank.format import (FORMAT_VERSION, PROJS, Act, DenseTerm, LayerSpec, LowRankTerm,
-                                     MoELowRankConfig, ProjSpec, count_params, materialize_projection)
+from vllm_moe_lowrank.format import (FORMAT_VERSION, PROJS, Act, DenseTerm, LayerSpec, LowRankTerm, MoELowRankConfig,
+                                     ProjSpec, count_params)
+from vllm_moe_lowrank.materialize import materialize_projection
 
 E, N, M = 16, 192, 192
 D = 3 * E * N * M  # dense params of one fixture MoE layer

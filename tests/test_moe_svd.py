@@ -15,11 +15,12 @@ from vllm_moe_lowrank.converters.arch import detect
 from vllm_moe_lowrank.converters.checkpoint import Checkpoint
 from vllm_moe_lowrank.converters.errors import ConvertError, RatioError
 from vllm_moe_lowrank.converters.experts import load_expert_weights
+from vllm_moe_lowrank.converters.layer_fit import cast_layer
 from vllm_moe_lowrank.converters.methods.moe_svd import (Factorization, _GramCache, allocate_ranks, layer_sensitivity,
                                                  project_group, trim)
-from vllm_moe_lowrank.converters.pipeline import _cast_layer
 from vllm_moe_lowrank.converters.verify import verify_checkpoint
-from vllm_moe_lowrank.format import PROJS, materialize_projection
+from vllm_moe_lowrank.format import PROJS
+from vllm_moe_lowrank.materialize import materialize_projection
 
 D = 3 * 16 * 192 * 192  # dense params of one fixture MoE layer
 
@@ -228,7 +229,7 @@ def test_every_ablation_compresses_a_real_layer():
         m = method(0.23, "layers=1", *opts, *([] if "share=false" in opts else ["fallback=false"]))  # fallback: below
         m.check_feasible()
         comp = m.compress_layer(1, weights, calib)
-        tensors = _cast_layer(ARCH, "moe-svd", 1, comp, torch.float32)  # names and shapes checked here
+        tensors = cast_layer(ARCH, "moe-svd", 1, comp, torch.float32)  # names and shapes checked here
         kept = sum(t.numel() for t in tensors.values())
         budget = m.plan()["decomposed"]["1"]
         assert budget - 3 * (4 + 1) * 192 < kept <= budget, opts
@@ -237,25 +238,55 @@ def test_every_ablation_compresses_a_real_layer():
             assert lr.right_groups is not None and lr.left_slots is not None
 
 
-def test_fallback_keeps_the_fit_that_changes_the_moe_output_less():
-    """Default (measured preset): the shared fit and a per-expert SVD at the same budget are both scored on the
-    calibration tokens and the better one is kept; fallback=false (and preset=paper) always keep the shared fit."""
+def test_holdout_split_is_deterministic_disjoint_and_keeps_whole_sequences():
+    """The held part is the last whole blocks (calibration sequences) of the tokens, the fit part the rest: views,
+    disjoint, covering, the same every time; with fewer than two blocks a plain 3:1 cut."""
+    calib = fake_calib(8, 24, T=1100)
+    fit, held = calib.holdout_split()
+    assert (fit.num_tokens, held.num_tokens) == (768, 332)  # 4 blocks of 256: one held (+ the partial tail)
+    assert torch.equal(torch.cat([fit.x, held.x]), calib.x) and torch.equal(held.topk_ids, calib.topk_ids[768:])
+    assert fit.x.data_ptr() == calib.x.data_ptr() and held.opts is calib.opts  # views, same options
+    again = calib.holdout_split()[1]
+    assert torch.equal(again.x, held.x) and torch.equal(again.topk_weights, held.topk_weights)
+    assert [c.num_tokens for c in fake_calib(8, 24, T=100).holdout_split()] == [75, 25]
+
+
+def test_fallback_is_decided_on_held_out_tokens():
+    """Same fit tokens, two held-out quarters: the decision follows the held-out tokens (one favouring the shared
+    fit, one per-expert SVD), its recorded errors are the candidates' (fitted on the first 3/4) on exactly those
+    tokens, and the kept fit is refitted on every token. fallback=false (and preset=paper) keep the shared fit."""
     import dataclasses
 
-    from vllm_moe_lowrank.converters.methods.moe_svd import residual_error
+    from vllm_moe_lowrank.converters.calibration import LayerCalibration, routed_output_sq_error
 
     arch = dataclasses.replace(ARCH, num_layers=4, moe_layers=(0, 1, 2, 3), num_experts=8, hidden_size=24,
                                intermediate_size=20)
-    weights, calib = fake_weights(8, 24, 20, seed=1), fake_calib(8, 24, T=800, seed=1)
+    weights, pool = fake_weights(8, 24, 20, seed=1), fake_calib(8, 24, T=768 + 2048, seed=1)
     m = method(0.5, arch=arch)
-    comp = m.compress_layer(1, weights, calib)
-    info = comp.info["sharing_pays"]
-    mine = residual_error(m.arch, 1, comp, weights, calib, 1.0)
-    assert mine == pytest.approx(min(info["shared_rms_dy"], info["per_expert_rms_dy"]), rel=1e-6)
-    assert (comp.spec.gate.lowrank.right_groups is not None) == info["shared"]
-    shared = method(0.5, "fallback=false", arch=arch).compress_layer(1, weights, calib)
+    fit = LayerCalibration(x=pool.x[:768], topk_ids=pool.topk_ids[:768], topk_weights=pool.topk_weights[:768],
+                           num_experts=8)
+    rest = LayerCalibration(x=pool.x[768:], topk_ids=pool.topk_ids[768:], topk_weights=pool.topk_weights[768:],
+                            num_experts=8)
+    budget = m.plan()["decomposed"]["1"]
+    cands = {k: f(1, weights, fit, _GramCache(weights, fit, 1e-4, 0.1, torch.device("cpu")), budget)
+             for k, f in (("shared", m._shared), ("per_expert", m._per_expert))}
+    dy2 = {k: routed_output_sq_error(arch, 1, c, weights, rest) for k, c in cands.items()}  # [2048] each
+    d = dy2["shared"] - dy2["per_expert"]
+    assert float(d.min()) < 0 < float(d.max())  # some tokens favour each fit
+    for want, idx in ((True, d.argsort()[:256]), (False, d.argsort()[-256:])):
+        calib = LayerCalibration(x=torch.cat([fit.x, rest.x[idx]]), num_experts=8,
+                                 topk_ids=torch.cat([fit.topk_ids, rest.topk_ids[idx]]),
+                                 topk_weights=torch.cat([fit.topk_weights, rest.topk_weights[idx]]))
+        comp = m.compress_layer(1, weights, calib)
+        info = comp.info["sharing_pays"]
+        assert info["shared"] is want and (comp.spec.gate.lowrank.right_groups is not None) is want
+        for k in cands:
+            assert info[f"{k}_rms_dy"] == pytest.approx(float(dy2[k][idx].mean()) ** 0.5, rel=1e-5)
+        full = _GramCache(weights, calib, 1e-4, 0.1, torch.device("cpu"))
+        refit = (m._shared if want else m._per_expert)(1, weights, calib, full, budget)
+        assert all(torch.allclose(comp.tensors[k], refit.tensors[k]) for k in refit.tensors)
+    shared = method(0.5, "fallback=false", arch=arch).compress_layer(1, weights, pool)
     assert "sharing_pays" not in shared.info and shared.spec.gate.lowrank.right_groups is not None
-    assert residual_error(m.arch, 1, shared, weights, calib, 1.0) == pytest.approx(info["shared_rms_dy"], rel=1e-6)
     assert not method(0.5, "preset=paper").fallback()
 
 

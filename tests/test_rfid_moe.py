@@ -15,20 +15,23 @@ from model_factory import FIXTURE
 from vllm_moe_lowrank.converters import cli
 from vllm_moe_lowrank.converters.checkpoint import Checkpoint
 from vllm_moe_lowrank.converters.errors import ConvertError, RatioError
-from vllm_moe_lowrank.converters.pipeline import _cast_layer
+from vllm_moe_lowrank.converters.layer_fit import cast_layer
 from vllm_moe_lowrank.converters.methods.rfid_moe import (TypeCurve, allocate_ranks, effective_rank, energy_buckets,
                                                   frequency_groups, importance, least_squares_left,
                                                   random_buckets, shared_left_factor, shared_right_factor,
                                                   split_budget)
 from vllm_moe_lowrank.converters.verify import verify_checkpoint
-from vllm_moe_lowrank.format import (FORMAT_VERSION, PROJS, MoELowRankConfig, bucket_projection,
-                                     materialize_projection)
+from vllm_moe_lowrank.format import FORMAT_VERSION, PROJS, MoELowRankConfig, bucket_projection
+from vllm_moe_lowrank.materialize import materialize_projection
 
 SMALL = dataclasses.replace(ARCH, num_experts=8, hidden_size=32, intermediate_size=24, moe_layers=(0, 1))
 
 
 def method(ratio: float, *options: str, arch=ARCH):
     return make_method("rfid-moe", ratio, options, arch)
+
+
+RFID_ONLY = ("fallback=false", "xi_select=calib")  # the method's own fit, no held-out choice (tested on its own)
 
 
 
@@ -173,12 +176,12 @@ def test_energy_buckets_single_out_the_channels_carrying_the_residual():
 @pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6, 0.8])
 def test_layer_keeps_the_exact_budget_at_every_ratio(ratio):
     arch = dataclasses.replace(ARCH, num_experts=8, moe_layers=(0,))
-    m = method(ratio, arch=arch)
+    m = method(ratio, *RFID_ONLY, arch=arch)
     comp = m.compress_layer(0, fake_weights(8, 192, 192), fake_calib(8, 192, T=1500, outlier=True))
     D = 3 * 8 * 192 * 192
     assert abs((1 - kept_params(arch, comp) / D) - ratio) <= 0.005
     assert kept_params(arch, comp) <= math.floor((1 - ratio) * D)
-    _cast_layer(arch, "rfid-moe", 0, comp, torch.float32)  # names and shapes agree with the format
+    cast_layer(arch, "rfid-moe", 0, comp, torch.float32)  # names and shapes agree with the format
     assert comp.info["down"] == ("lowrank" if comp.spec.down.lowrank else "dense")
 
 
@@ -189,10 +192,10 @@ ABLATIONS = [["allocation=uniform"], ["allocation=frequency"], ["allocation=eran
 
 @pytest.mark.parametrize("options", ABLATIONS, ids=lambda o: ",".join(o))
 def test_ablation_options_parse_and_run(options):
-    m = method(0.4, *options, arch=SMALL)
+    m = method(0.4, *RFID_ONLY, *options, arch=SMALL)
     w, calib = fake_weights(8, 32, 24), fake_calib(8, 32, T=2000, outlier=True)
     comp = m.compress_layer(0, w, calib)
-    tensors = _cast_layer(SMALL, "rfid-moe", 0, comp, torch.float32)
+    tensors = cast_layer(SMALL, "rfid-moe", 0, comp, torch.float32)
     budget, kept = math.floor(0.6 * 3 * 8 * 32 * 24), kept_params(SMALL, comp)
     k = 3 if "group_size=3" in options else 4
     assert 0 <= budget - kept < 3 * (k * 24 + 32)  # less than one group rank left over per projection type
@@ -213,26 +216,57 @@ def test_ablation_options_parse_and_run(options):
         What = torch.stack([materialize_projection(cfg, 0, p, e, tensors.__getitem__) for e in range(8)])
         assert float((W - What).norm() / W.norm()) < 0.9, p
     from vllm_moe_lowrank.converters.calibration import dense_expert_fn, moe_output
-    from vllm_moe_lowrank.converters.pipeline import _written_expert_fn
+    from vllm_moe_lowrank.converters.layer_fit import written_expert_fn
 
     exact = moe_output(calib.x, calib.topk_ids, calib.topk_weights, dense_expert_fn(w.gate, w.up, w.down))
     approx = moe_output(calib.x, calib.topk_ids, calib.topk_weights,
-                        _written_expert_fn(SMALL, "rfid-moe", 0, comp, tensors))
+                        written_expert_fn(SMALL, "rfid-moe", 0, comp, tensors))
     assert float((approx - exact).norm() / exact.norm()) < 0.9
 
 
 def test_xi_is_chosen_on_calibration_statistics():
-    """xi_select=calib (default) takes the ξ of XI_GRID whose plan the calibration spectra predict best; the layer
+    """xi_select=calib takes the ξ of XI_GRID whose plan the calibration spectra predict best; the layer
     then equals a fixed-ξ run with that value. Nothing but the calibration collector is read."""
     from vllm_moe_lowrank.converters.methods.rfid_moe import XI_GRID
 
     w, calib = fake_weights(8, 32, 24), fake_calib(8, 32, T=2000, outlier=True)
-    auto = method(0.5, arch=SMALL).compress_layer(0, w, calib)
+    auto = method(0.5, *RFID_ONLY, arch=SMALL).compress_layer(0, w, calib)
     assert auto.info["xi"] in XI_GRID
-    fixed = {xi: method(0.5, "xi_select=fixed", f"xi={xi}", arch=SMALL).compress_layer(0, w, calib) for xi in XI_GRID}
+    fixed = {xi: method(0.5, "fallback=false", "xi_select=fixed", f"xi={xi}", arch=SMALL).compress_layer(0, w, calib)
+             for xi in XI_GRID}
     assert fixed[auto.info["xi"]].info["group_ranks"] == auto.info["group_ranks"]
     best = min(XI_GRID, key=lambda xi: (sum(v ** 2 for v in fixed[xi].info["predicted_rel_err"].values()), xi))
     assert auto.info["xi"] == best
+
+
+def test_held_out_choice_of_xi_and_of_per_expert_svd():
+    """Default: every ξ plan and per-expert SVD at the same budget are fitted on the first 3/4 of the calibration
+    tokens and scored on the held-out quarter (``holdout_split``); the best ξ is refitted on every token, and kept
+    only if it beats per-expert SVD clearly (``clearly_lower``), else the layer is per-expert SVD."""
+    from vllm_moe_lowrank.converters.calibration import clearly_lower, routed_output_sq_error
+
+    w, calib = fake_weights(8, 32, 24), fake_calib(8, 32, T=1024, outlier=True)
+    comp = method(0.5, arch=SMALL).compress_layer(0, w, calib)
+    info = comp.info["held_out_choice"]
+    fit, held = calib.holdout_split()
+    scored = {float(k[3:-7]): v for k, v in info.items() if k.startswith("xi_")}
+    assert info["xi"] == min(scored, key=lambda x: (scored[x], x)) and len(scored) >= 1
+    alone = method(0.5, "fallback=false", "xi_select=fixed", f"xi={info['xi']}", arch=SMALL)
+    dy2 = routed_output_sq_error(SMALL, 0, alone.compress_layer(0, w, fit), w, held)  # the chosen ξ, fitted on 3/4
+    assert scored[info["xi"]] == pytest.approx(float(dy2.mean()) ** 0.5, rel=1e-5)
+    from vllm_moe_lowrank.converters.methods.moe_svd_fit import _GramCache, per_expert_svd
+
+    svd = per_expert_svd("rfid-moe", 0, w, fit, _GramCache(w, fit, 1e-4, 0.1, torch.device("cpu")),
+                         math.floor(0.5 * 3 * 8 * 32 * 24), 1e-4, 0.1, torch.float32)
+    svd_dy2 = routed_output_sq_error(SMALL, 0, svd, w, held)
+    assert info["per_expert_svd_rms_dy"] == pytest.approx(float(svd_dy2.mean()) ** 0.5, rel=1e-5)
+    assert info["rfid"] == clearly_lower(dy2, svd_dy2)
+    if info["rfid"]:
+        refit = alone.compress_layer(0, w, calib).tensors
+        assert all(torch.equal(comp.tensors[k], refit[k]) for k in refit)
+    else:
+        assert comp.spec.gate.lowrank.right_groups is None and comp.spec.gate.residual is None
+    assert clearly_lower(torch.zeros(512), torch.ones(512)) and not clearly_lower(torch.ones(512), torch.zeros(512))
 
 
 def test_bad_options_are_refused_with_the_valid_ones_listed():
@@ -253,11 +287,11 @@ def test_infeasible_ratios_are_refused_up_front_with_the_limit():
 
 
 def test_layers_are_deterministic_and_independent_of_order():
-    m = method(0.5, "buckets=random", arch=SMALL)
+    m = method(0.5, "buckets=random", *RFID_ONLY, arch=SMALL)
     w, calib = fake_weights(8, 32, 24), fake_calib(8, 32, T=2000, outlier=True)
     first = m.compress_layer(1, w, calib).tensors
     m.compress_layer(0, fake_weights(8, 32, 24, seed=5), fake_calib(8, 32, T=2000, seed=6, outlier=True))
-    again = method(0.5, "buckets=random", arch=SMALL).compress_layer(1, w, calib).tensors
+    again = method(0.5, "buckets=random", *RFID_ONLY, arch=SMALL).compress_layer(1, w, calib).tensors
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     assert m.compress_layer(1, w, calib).tensors.keys() == first.keys()
 
@@ -269,9 +303,9 @@ RATIO = 0.8  # one conversion (CI time): every term is written (down low-rank in
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rfid") / f"rfid-{RATIO}"
-    # a fixed ξ < 1 here: the test below checks that frequency moves ranks (ξ selection: its own test)
+    # a fixed ξ < 1 and no fallback: the tests below check rfid's own terms (held-out choice: its own test)
     cli.main(["--method", "rfid-moe", "--ratio", str(RATIO), str(FIXTURE), str(folder), *CALIB, "--dtype", "float32",
-              "-o", "xi_select=fixed"])
+              "-o", "xi_select=fixed", "-o", "fallback=false"])
     return folder
 
 

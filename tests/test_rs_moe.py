@@ -19,7 +19,8 @@ from vllm_moe_lowrank.converters.methods.rs_moe import (RSMoEMethod, _rank_cap, 
                                                  allocate_ranks, downstream_alignment, partition)
 from vllm_moe_lowrank.converters.methods.rs_moe_mi import (mine_mi, pca_features, pool_windows, qp_save_ratios,
                                                     redundancy)
-from vllm_moe_lowrank.format import FORMAT_VERSION, PROJS, MoELowRankConfig, ProjNames, materialize_projection
+from vllm_moe_lowrank.format import FORMAT_VERSION, PROJS, MoELowRankConfig, ProjNames
+from vllm_moe_lowrank.materialize import materialize_projection
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "fixtures" / "qwen3-moe-pydocs"
@@ -172,7 +173,7 @@ def test_aci_downstream_term_only_with_a_next_moe_layer():
                                      ["low_frac=0", "high_frac=0.5"]])
 def test_compress_layer_options(options):
     w, calib = _weights(0), _calib()
-    method = _method(0.5, options)
+    method = _method(0.5, ["select=fixed", *options])
     comp = method.compress_layer(0, w, calib)
     _check_layer(method, comp, w)
     assert comp.info["budget"] - comp.info["cost"] < 3 * N_HID + M_INT + N_HID
@@ -188,6 +189,61 @@ def test_compress_layer_is_deterministic():
     b = _method(0.6).compress_layer(0, w, calib)
     assert a.tensors.keys() == b.tensors.keys()
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def _low_rank_weights(rank: int, seed: int) -> ExpertWeights:
+    """Experts of exact rank ``rank`` in every projection: per-expert SVD at that rank reproduces them."""
+    g = torch.Generator().manual_seed(seed)
+    lr = lambda o, i: (torch.randn(E, o, rank, generator=g) @ torch.randn(E, rank, i, generator=g)) / 3  # noqa: E731
+    return ExpertWeights(gate=lr(M_INT, N_HID), up=lr(M_INT, N_HID), down=lr(N_HID, M_INT))
+
+
+def test_held_out_choice_picks_per_expert_svd_where_it_is_exact():
+    """Rank-2 experts at a budget of rank ≥ 3 per factorization: per-expert whitened SVD reproduces gate and up
+    (down only up to the Gram regularization of its refit), while every split that keeps exact units must prune or
+    truncate, so the held-out choice is the degenerate split: its held-out error is the lowest, and the layer is
+    written as per-expert SVD refitted on all calibration tokens (no units split, no base)."""
+    from vllm_moe_lowrank.converters.methods.rs_moe_select import SVD_SPLIT
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2048, N_HID, generator=g)  # ~680 tokens per expert: the regularization bias stays small
+    rw, ids = torch.randn(2048, E, generator=g).softmax(-1).topk(TOPK, dim=-1)
+    calib = LayerCalibration(x=x, topk_ids=ids, topk_weights=rw / rw.sum(-1, keepdim=True), num_experts=E)
+    w = _low_rank_weights(2, 5)
+    method = _method(0.5)
+    comp = method.compress_layer(0, w, calib)
+    choice = comp.info["held_out_choice"]
+    assert choice["split"] == "svd" and comp.spec.units is None and comp.spec.down.base is None
+    assert set(choice["rms_dy"]) >= {"svd", "high0.8_low0.1_ridge"}
+    assert choice["rms_dy"]["svd"] < 0.25 * min(v for k, v in choice["rms_dy"].items() if k != "svd")
+    again = method.fit_split(0, w, calib, method.layer_params(0), SVD_SPLIT)
+    assert all(torch.equal(again.tensors[k], comp.tensors[k]) for k in comp.tensors)
+
+
+def test_held_out_choice_is_the_argmin_of_the_fit_part_candidates():
+    """Every candidate refitted here on the fit part and scored on the held-out part gives the errors the layer
+    recorded, the written split is their argmin (never above per-expert SVD's), and the written layer is that
+    split refitted on all tokens (same tensors as fit_split on the whole calibration)."""
+    from vllm_moe_lowrank.converters.calibration import routed_output_sq_error
+    from vllm_moe_lowrank.converters.methods.rs_moe_select import candidates
+
+    w, calib = _weights(0), _calib()
+    method = _method(0.7)
+    comp = method.compress_layer(0, w, calib)
+    choice = comp.info["held_out_choice"]
+    fit, held = calib.holdout_split()
+    s = method.settings
+    budget = method.layer_params(0)
+    errs = {}
+    for c in candidates(s.high_frac, s.low_frac, s.base):
+        errs[c.label] = float(routed_output_sq_error(method.arch, 0, method.fit_split(0, w, fit, budget, c), w,
+                                                     held).mean().sqrt())
+    assert errs == pytest.approx(choice["rms_dy"], rel=1e-5)
+    assert choice["split"] == min(errs, key=errs.__getitem__) and errs[choice["split"]] <= errs["svd"]
+    best = next(c for c in candidates(s.high_frac, s.low_frac, s.base) if c.label == choice["split"])
+    again = method.fit_split(0, w, calib, budget, best)
+    assert again.tensors.keys() == comp.tensors.keys()
+    assert all(torch.equal(again.tensors[k], comp.tensors[k]) for k in comp.tensors)
 
 
 def _plan_with_full_down_rank(method, w, calib):
@@ -211,7 +267,8 @@ def test_ridge_base_solves_normal_equations():
         L, S = plan.lowrank[e], plan.exact[e]
         if not len(L) or not calib.token_index(e).numel():
             continue
-        h, h_lr = (t.double() for t in method._expert_acts(w, calib, e, gate_up[e]))
+        g = calib.route_weight(e).double()[:, None]  # rows weighted by g: the routing-weighted fit
+        h, h_lr = (t.double() * g for t in method._expert_acts(w, calib, e, gate_up[e]))
         Z = torch.zeros_like(h)
         Z[:, L] = h_lr
         rest = torch.ones(M_INT, dtype=torch.bool)
@@ -236,7 +293,8 @@ def test_down_refit_at_full_rank_is_the_regularized_least_squares_fit():
     L, S = plan.lowrank[e], plan.exact[e]
     Ld, Rd = down[e]
     delta = Ld @ Rd  # [n, |L|]
-    h, h_lr = (t.double() for t in method._expert_acts(w, calib, e, gate_up[e]))
+    g = calib.route_weight(e).double()[:, None]
+    h, h_lr = (t.double() * g for t in method._expert_acts(w, calib, e, gate_up[e]))
     rest = torch.ones(M_INT, dtype=torch.bool)
     rest[S] = False
     T = h[:, rest] @ w.down[e].double()[:, rest].T
@@ -352,9 +410,11 @@ def test_fixture_default_meets_ratio(tmp_path, ratio):
     saves = [report["layers"][str(l)]["save_ratio"] for l in cfg.moe_layers]
     assert abs(sum(saves) / len(saves) - (1 - ratio)) < 1e-6
     for l in cfg.moe_layers:
-        spec = cfg.layers[l]
-        assert spec.units is not None and spec.down.base is not None
-        assert report["layers"][str(l)]["output_rel_err"] < 1.0
+        spec, rep = cfg.layers[l], report["layers"][str(l)]
+        choice = rep["held_out_choice"]  # the split with the lowest held-out error, per-expert SVD among them
+        assert choice["rms_dy"][choice["split"]] == min(choice["rms_dy"].values())
+        assert (spec.units is None) == (choice["split"] == "svd")
+        assert rep["output_rel_err"] < 1.0
 
 
 @pytest.mark.skipif(not FIXTURE.is_dir(), reason="fixture checkpoint missing")

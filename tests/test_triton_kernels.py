@@ -16,8 +16,9 @@ import torch
 
 from specs import CASES
 from test_kernels import make_cfg, random_tensors, reference
-from vllm_moe_lowrank.format import FORMAT_VERSION, MoELowRankConfig, float_getter
+from vllm_moe_lowrank.format import FORMAT_VERSION, MoELowRankConfig
 from vllm_moe_lowrank.kernels import LayerLayout, experts_forward, moe_lowrank_experts, register_layout
+from vllm_moe_lowrank.materialize import float_getter
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed", allow_module_level=True)
@@ -268,15 +269,17 @@ def test_cuda_graph_capture_and_replay(case, T):
         assert (out.double() - ref.double()).abs().max() < 0.02 * scale
 
 
-# ----- FP8 factors (format version 2) ------------------------------------------------------------------------------
-def fp8_layer(case: str, seed: int = 0, refit: bool = True, device: str | None = None, **dims):
+# ----- FP8 factors (format version >= 2) ---------------------------------------------------------------------------
+def fp8_layer(case: str, seed: int = 0, refit: bool = True, device: str | None = None,
+              version: int = FORMAT_VERSION, **dims):
     """(float cfg, FP8 cfg, FP8 tensors with scales); ``dims`` with r: a full-shape layer (``full_cfg``);
-    ``device``: drawn and quantized there (fast full shapes on a GPU)."""
+    ``device``: drawn and quantized there (fast full shapes on a GPU); ``version``: the format version (its scale
+    axes)."""
     from vllm_moe_lowrank.converters.quantize import quantize_layer
 
     dims = dims or dict(E=E, n=N, m=M)
     plain = make_cfg(case, seed=seed, **dims) if "r" not in dims else full_cfg(case, **dims)
-    cfg = plain.model_copy(update={"factor_dtype": "fp8_e4m3"})
+    cfg = plain.model_copy(update={"factor_dtype": "fp8_e4m3", "format_version": version})
     tensors, _ = quantize_layer(cfg, 1, random_tensors(plain, seed=seed, device=device), None, None, refit=refit)
     return plain, cfg, tensors
 
@@ -314,6 +317,18 @@ def test_fp8_factors(case, path):
     torch.testing.assert_close(got, got_float, rtol=1e-4, atol=1e-5)
     dense = reference(cfg, tensors, x.cpu().double(), w.cpu(), ids.cpu()).to(DEV)
     torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["lowrank", "dense_tile"])
+def test_fp8_version_2_row_scaled_down_weight(path):
+    """A format-v2 FP8 layer (down's kept-unit weight scaled per hidden row; v3 scales it per unit) still computes
+    its materialized layer on both paths, TP-split too (the kernels take the dense weight's axis from the layout)."""
+    _, cfg, tensors = fp8_layer("rs_moe", seed=5, version=2)
+    assert cfg.tensor_specs(1)[cfg.tensor_name(1, "down", "weight", 0)].scale_axis == 0
+    x, w, ids = routing(9, 3)
+    got, ref = both(cfg, tensors, x, w, ids, path=path)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    _ranks_sum_to_the_materialized_layer(cfg, tensors, 2, 1, path)
 
 
 @pytest.mark.parametrize("case,tp,ep,path", [("rs_moe", 2, 1, "lowrank"), ("mixed", 3, 1, "dense_tile"),

@@ -1,7 +1,8 @@
 """The ``moe_lowrank`` checkpoint format: the single source of truth for metadata, tensor names and shapes.
 
 The converter writes it, the vLLM plugin loads it, kernels and tests read it. ``docs/format.md`` is the prose
-version of this module.
+version of this module. Built on it: ``materialize.py`` (the reference dense weights of a checkpoint's experts) and
+``rounding.py`` (the FP8 rounding arithmetic behind the scale tensors named here).
 
 A compressed MoE layer stores each expert projection ``P`` (gate ``[m, n]``, up ``[m, n]``, down ``[n, m]``) as the
 sum of up to four *terms*; an expert's weight is the sum of the terms present::
@@ -16,20 +17,22 @@ Units (RS-MoE): when ``units`` is set, expert e keeps ``exact[e] + lowrank[e]`` 
 order (exact units first); pruned units are gone. Terms then cover the ``exact`` or the ``lowrank`` segment.
 Without ``units`` every term covers all ``m`` units.
 
-Factor dtype (format version 2): with ``factor_dtype = "fp8_e4m3"`` every float tensor of a compressed layer (all
+Factor dtype (format version ≥ 2): with ``factor_dtype = "fp8_e4m3"`` every float tensor of a compressed layer (all
 of the above except the float32 ``lr_mix`` and the int32 indices) is stored as ``float8_e4m3fn`` beside a float32
-``<suffix>_scale`` tensor with one scale per rank component for the low-rank factors (per column of ``lr_u``, per
-row of ``lr_v``), per bucket (column) for ``res_eta`` and per row (dim 0) for every other tensor:
-``W ≈ q.float() · scale`` broadcast along that axis (``dequantize``; docs/format.md has the measured choice).
-MoE layers left dense are then stored in vLLM's fp8 layout (``DenseQuant``: 128×128 block scales, or an FP8
-source's own).
-Version 1 checkpoints (no ``factor_dtype``) are still read: their float tensors are in the checkpoint's float dtype.
+``<suffix>_scale`` tensor with one scale per index of one axis, ``scale_axis(proj, suffix, version)``: per rank
+component for the low-rank factors (per column of ``lr_u``, per row of ``lr_v``), per bucket (column) for
+``res_eta``, per unit (column) for down's ``weight`` (version 3; per row in version 2) and per row (dim 0) for every
+other tensor: ``W ≈ q.float() · scale`` broadcast along that axis (``rounding.dequantize``; docs/format.md has the
+measured choice). MoE layers left dense are then stored in vLLM's fp8 layout (``DenseQuant``: 128×128 block
+scales, or an FP8 source's own).
+Older checkpoints are still read: version 1 (no ``factor_dtype``: float tensors in the checkpoint's float dtype) and
+version 2 (down's ``weight`` scaled per row); ``TensorSpec.scale_axis`` is the axis of the checkpoint's own version.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from enum import Enum
 from typing import Literal
 
@@ -37,8 +40,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 QUANT_METHOD = "moe_lowrank"
-FORMAT_VERSION = 2  # written; readers accept SUPPORTED_VERSIONS
-SUPPORTED_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # written; readers accept SUPPORTED_VERSIONS
+SUPPORTED_VERSIONS = (1, 2, 3)
 PROJS = ("gate", "up", "down")
 SHARED = "shared"  # path component for per-layer tensors: <moe_prefix>.shared.<proj_name>.<suffix>
 FP8 = "fp8_e4m3"  # the one quantized factor dtype: torch.float8_e4m3fn with float32 scales
@@ -46,13 +49,17 @@ FACTOR_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32"
                  FP8: torch.float8_e4m3fn}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SCALE_SUFFIX = "_scale"  # scale tensor of a quantized tensor: <suffix>_scale, float32, one per index of its axis
-# the axis a suffix's FP8 scales index: lr_u its rank (like lr_v's rows), res_eta its buckets; others 0 (rows)
-SCALE_AXIS = {"lr_u": 1, "res_eta": 1}
+# the tensors whose FP8 scales index axis 1 (columns), by (projection or "*", suffix): lr_u its rank (like lr_v's
+# rows), res_eta its buckets, down's weight its units (version 3: one scale per kept unit); all others axis 0 (rows)
+SCALE_COLUMNS = {("*", "lr_u"), ("*", "res_eta"), ("down", "weight")}
+SCALE_COLUMNS_V2 = {("*", "lr_u"), ("*", "res_eta")}  # version 2: down's weight per row
 
 
-def scale_axis(suffix: str) -> int:
-    """The axis of a tensor with this suffix that its FP8 scales index (docs/format.md, FP8 factors)."""
-    return SCALE_AXIS.get(suffix, 0)
+def scale_axis(proj: str, suffix: str, version: int = FORMAT_VERSION) -> int:
+    """The axis of tensor ``suffix`` of projection ``proj`` that its FP8 scales index in a checkpoint of format
+    ``version`` (docs/format.md, FP8 factors): 1 (columns) or 0 (rows)."""
+    cols = SCALE_COLUMNS_V2 if version <= 2 else SCALE_COLUMNS
+    return int((proj, suffix) in cols or ("*", suffix) in cols)
 
 
 class FormatError(ValueError):
@@ -65,59 +72,6 @@ class Act(str, Enum):
     identity = "identity"
     silu = "silu"
     tanh = "tanh"
-
-
-def _bcast(scale: torch.Tensor, dim: int, axis: int) -> torch.Tensor:
-    return scale.view([-1 if d == axis else 1 for d in range(dim)])
-
-
-def quantize_rows(w: torch.Tensor, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q float8_e4m3fn, scale float32 [w.shape[axis]]) with w ≈ q · scale broadcast along ``axis``: one scale per
-    index of ``axis``, that slice's absolute maximum mapped to 448; round to nearest. An all-zero slice gets 1."""
-    w32 = w.detach().float()
-    if w32.numel() == 0:
-        return w32.to(torch.float8_e4m3fn), torch.ones(w32.shape[axis])
-    amax = w32.abs().amax(dim=tuple(d for d in range(w32.dim()) if d != axis)) if w32.dim() > 1 else w32.abs()
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (w32 / _bcast(scale, w32.dim(), axis)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
-               axis: int = 0) -> torch.Tensor:
-    """q · scale (broadcast along ``axis``) computed in float32 (float64 if asked), returned in ``dtype``."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return (q.to(acc) * _bcast(scale.to(acc), q.dim(), axis)).to(dtype)
-
-
-def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | list[int] | None,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``q · scale`` of vLLM's fp8 checkpoint layout (FP8 sources, dense-kept FP8 experts), computed in float32 and
-    returned in ``dtype``: one scale per [bm, bn] block (``block``; scale [..., ceil(out/bm), ceil(in/bn)], edge
-    blocks partial) or a single scale for the whole tensor (``block`` None). q: [..., out, in] float8_e4m3fn."""
-    if block is None:
-        return (q.float() * scale.float().reshape(())).to(dtype)
-    bm, bn = block
-    s = scale.float().repeat_interleave(bm, -2).repeat_interleave(bn, -1)  # [..., >= out, >= in]
-    return (q.float() * s[..., :q.shape[-2], :q.shape[-1]]).to(dtype)
-
-
-def quantize_blocks(w: torch.Tensor, block: tuple[int, int] | list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q float8_e4m3fn [out, in], scale float32) with w ≈ dequantize_blocks(q, scale, block): each [bm, bn] block's
-    absolute maximum mapped to 448 (scale [ceil(out/bm), ceil(in/bn)]), or the whole tensor's (scale shape [])."""
-    w32 = w.detach().float()
-    if block is None:
-        amax = w32.abs().max()
-        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).reshape(())
-        return (w32 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
-    bm, bn = block
-    o, i = w32.shape
-    pad = w32.new_zeros(-(-o // bm) * bm, -(-i // bn) * bn)
-    pad[:o, :i] = w32
-    amax = pad.view(pad.shape[0] // bm, bm, pad.shape[1] // bn, bn).abs().amax(dim=(1, 3))  # [O, I]
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    full = scale.repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:o, :i]
-    return (w32 / full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
 def apply_act(act: Act | str, w: torch.Tensor) -> torch.Tensor:
@@ -241,8 +195,8 @@ class TensorSpec(BaseModel):
     """One tensor of a compressed layer: its checkpoint name, exact shape and dtype class.
 
     dtype "float": the checkpoint's float dtype (bf16, fp16, fp32; ``factor_dtype`` when set); "fp8": float8_e4m3fn
-    data whose float32 scales (along ``scale_axis(suffix)``) are the tensor named ``scale``; a scale tensor itself
-    has ``scale_of`` set."""
+    data whose float32 scales, one per index of its axis ``scale_axis``, are the tensor named ``scale``; a scale
+    tensor itself has ``scale_of`` set."""
 
     model_config = ConfigDict(frozen=True)
     name: str
@@ -252,6 +206,7 @@ class TensorSpec(BaseModel):
     suffix: str
     expert: int | None  # None: shared per-layer tensor
     scale: str | None = None  # fp8 data: name of its scale tensor
+    scale_axis: int | None = None  # fp8 data: the axis its scales index (``format.scale_axis`` of the version)
     scale_of: str | None = None  # a scale tensor: name of the fp8 tensor it scales
 
     @property
@@ -361,6 +316,10 @@ class MoELowRankConfig(_Strict):
         """Compressed layers store their float tensors as FP8 with float32 scales."""
         return self.factor_dtype == FP8
 
+    def scale_axis(self, p: str, suffix: str) -> int:
+        """The axis of tensor ``suffix`` of projection p that its FP8 scales index in this checkpoint's version."""
+        return scale_axis(p, suffix, self.format_version)
+
     def dense_layers(self) -> list[int]:
         """MoE layers left uncompressed (stored as ordinary per-expert ``.weight`` tensors)."""
         return [l for l in self.moe_layers if l not in self.layers]
@@ -385,9 +344,10 @@ class MoELowRankConfig(_Strict):
             name = self.tensor_name(layer, p, suffix, expert)
             if dtype == "float" and self.quantized:
                 sname = self.tensor_name(layer, p, suffix + SCALE_SUFFIX, expert)
+                axis = self.scale_axis(p, suffix)
                 out[name] = TensorSpec(name=name, shape=shape, dtype="fp8", proj=p, suffix=suffix, expert=expert,
-                                       scale=sname)
-                out[sname] = TensorSpec(name=sname, shape=(shape[scale_axis(suffix)],), dtype="float32", proj=p,
+                                       scale=sname, scale_axis=axis)
+                out[sname] = TensorSpec(name=sname, shape=(shape[axis],), dtype="float32", proj=p,
                                         suffix=suffix + SCALE_SUFFIX, expert=expert, scale_of=name)
                 return
             out[name] = TensorSpec(name=name, shape=shape, dtype=dtype, proj=p, suffix=suffix, expert=expert)
@@ -521,10 +481,7 @@ def _validate_layer(cfg: MoELowRankConfig, layer: int, spec: LayerSpec) -> None:
                  "down.base must use units='lowrank' with a units split and units='all' without one")
 
 
-# ----- reference materializer -------------------------------------------------------------------------------
-Getter = Callable[[str], torch.Tensor]
-
-
+# ----- the RFID-MoE residual's projection; parameter counts ---------------------------------------------------
 def bucket_projection(bucket: torch.Tensor, width: int) -> torch.Tensor:
     """P ``[in, width]`` with P[c, bucket[c]] = 1/sqrt(|bucket|), so PᵀP = I on non-empty buckets (RFID-MoE §3.4)."""
     bucket = bucket.long()  # [in]
@@ -532,106 +489,6 @@ def bucket_projection(bucket: torch.Tensor, width: int) -> torch.Tensor:
     P = torch.zeros(bucket.numel(), width, dtype=torch.float64)  # [in, width]
     P[torch.arange(bucket.numel()), bucket] = counts[bucket].rsqrt()
     return P
-
-
-def float_getter(cfg: MoELowRankConfig, get: Getter) -> Getter:
-    """A getter that returns FP8 tensors dequantized (float32) with their ``*_scale``; other tensors unchanged."""
-
-    def fetch(name: str) -> torch.Tensor:
-        t = get(name)
-        if t.dtype == torch.float8_e4m3fn:
-            return dequantize(t, get(name + SCALE_SUFFIX), torch.float32, scale_axis(name.rsplit(".", 1)[1]))
-        return t
-
-    return fetch
-
-
-def _offset(sizes: list[int], k: int) -> int:
-    return sum(sizes[:k])
-
-
-def right_factor(cfg: MoELowRankConfig, layer: int, p: str, e: int, get: Getter) -> torch.Tensor:
-    """R_e ``[r_e, in]`` of the low-rank term (act applied), float64."""
-    lr = cfg.layers[layer].proj(p).lowrank
-    r = lr.ranks[e]
-    get = float_getter(cfg, get)
-    if lr.num_bases is not None:
-        bases = get(cfg.tensor_name(layer, p, "lr_v", None)).double()  # [J*r, in]
-        mix = get(cfg.tensor_name(layer, p, "lr_mix", e)).double()  # [J]
-        v = torch.einsum("j,jri->ri", mix, bases.view(lr.num_bases, r, -1))  # [r, in]
-    elif lr.right_groups is not None:
-        g = lr.right_groups[e]
-        off = _offset(lr.group_ranks(), g)
-        v = get(cfg.tensor_name(layer, p, "lr_v", None)).double()[off:off + r]  # [r, in]
-    else:
-        v = get(cfg.tensor_name(layer, p, "lr_v", e)).double()  # [r, in]
-    return apply_act(lr.act, v)
-
-
-def left_factor(cfg: MoELowRankConfig, layer: int, p: str, e: int, get: Getter) -> torch.Tensor:
-    """L_e ``[out, r_e]`` of the low-rank term, float64."""
-    lr = cfg.layers[layer].proj(p).lowrank
-    get = float_getter(cfg, get)
-    if lr.left_slots is not None:
-        s = lr.left_slots[e]
-        off = _offset(lr.slot_ranks(), s)
-        return get(cfg.tensor_name(layer, p, "lr_u", None)).double()[:, off:off + lr.ranks[e]]  # [out, r]
-    return get(cfg.tensor_name(layer, p, "lr_u", e)).double()  # [out, r]
-
-
-def dense_weight(cfg: MoELowRankConfig, layer: int, p: str, e: int, get: Getter,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weight of projection p of expert e of a layer left dense (``dense_quantization``: dequantized)."""
-    w = get(cfg.tensor_name(layer, p, "weight", e))
-    q = cfg.dense_quantization
-    if q is None or w.dtype != torch.float8_e4m3fn:
-        return w.to(dtype)
-    return dequantize_blocks(w, get(cfg.tensor_name(layer, p, q.scale_suffix, e)), q.weight_block_size, dtype)
-
-
-def materialize_projection(cfg: MoELowRankConfig, layer: int, p: str, e: int, get: Getter) -> torch.Tensor:
-    """Dense weight of projection p of expert e in float64, in compact unit order padded with zeros to m units.
-
-    gate/up: ``[m, n]``; down: ``[n, m]``. Pruned units are zero rows (gate/up) / columns (down), which leaves
-    the expert's function unchanged because silu(0)·0 = 0.
-    """
-    if layer not in cfg.layers:
-        return dense_weight(cfg, layer, p, e, get, torch.float64)
-    ps = cfg.layers[layer].proj(p)
-    get = float_getter(cfg, get)
-    n, m = cfg.hidden_size, cfg.intermediate_size
-    full = torch.zeros((n, m) if p == "down" else (m, n), dtype=torch.float64)
-    # compact unit order of this expert: [exact | lowrank]; "all" spans both (or all m without a units split)
-    ex = cfg.unit_count(layer, e, "exact") if cfg.layers[layer].units is not None else 0
-    starts = {"all": 0, "exact": 0, "lowrank": ex}
-
-    def place(seg: str, w: torch.Tensor) -> None:
-        s, k = starts[seg], cfg.unit_count(layer, e, seg)
-        if p == "down":
-            full[:, s:s + k] += w
-        else:
-            full[s:s + k, :] += w
-
-    if ps.dense is not None:
-        place(ps.dense.units, get(cfg.tensor_name(layer, p, "weight", e)).double())
-    if ps.lowrank is not None:
-        place(ps.lowrank.units, left_factor(cfg, layer, p, e, get) @ right_factor(cfg, layer, p, e, get))
-    if (res := ps.residual) is not None:
-        g = res.groups[e]
-        P = bucket_projection(get(cfg.tensor_name(layer, p, "res_bucket", None))[g], res.width)  # [in, s]
-        place("all", get(cfg.tensor_name(layer, p, "res_eta", e)).double() @ P.T)
-    if (base := ps.base) is not None:
-        B = get(cfg.tensor_name(layer, p, "base", None)).double()  # [n, m]
-        if base.units == "lowrank":
-            place("lowrank", B[:, get(cfg.tensor_name(layer, p, "base_idx", e)).long()])
-        else:
-            place("all", B)
-    return full
-
-
-def materialize_expert(cfg: MoELowRankConfig, layer: int, e: int, get: Getter) -> dict[str, torch.Tensor]:
-    """{gate: [m, n], up: [m, n], down: [n, m]} of expert e, float64."""
-    return {p: materialize_projection(cfg, layer, p, e, get) for p in PROJS}
 
 
 def count_params(shapes: dict[str, tuple[int, ...]]) -> int:

@@ -14,8 +14,9 @@
    c = min(π, k_U − 1), i.e. {U_1}, {U_1+U_2}, ..., so a group holds exactly k_U left slots and experts sharing a
    slot are one function. How a slot matrix is formed is the ``combine`` option: the paper's Eq. 8 sum, Alg. 3's
    product, or a least-squares refit (default, chosen by the measured ablation in docs/methods/moe-svd.md).
-4. Does sharing pay? (default, [ours]) each decomposed layer is also fitted per expert at the same budget and the
-   fit that changes the routed MoE output less on the calibration tokens is kept (``fallback``).
+4. Does sharing pay? (default, [ours]) each decomposed layer is fitted shared and per expert at the same budget on
+   three quarters of the calibration tokens; sharing is kept only if it changes the routed MoE output clearly less
+   (two standard errors) on the held-out quarter, and the kept fit is refitted on all of them (``fallback``).
 """
 
 from __future__ import annotations
@@ -26,16 +27,15 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from vllm_moe_lowrank.format import (FORMAT_VERSION, PROJS, LayerSpec, LowRankTerm, MoELowRankConfig, ProjSpec,
-                                     materialize_projection)
+from vllm_moe_lowrank.format import PROJS, LayerSpec, LowRankTerm, ProjSpec
 
-from ..calibration import LayerCalibration, dense_expert_fn, moe_output
+from ..calibration import LayerCalibration, clearly_lower, residual_error, routed_output_sq_error
 from ..errors import RatioError
 from ..experts import ExpertWeights
 from ..method import CompressedLayer, Damp, Method, MethodSettings, Shrink
 from ..whitening import whitened_svd, whitening
-from .moe_svd_fit import (Factorization, ProjFit, _GramCache, allocate_ranks, pooled_spectrum,  # noqa: F401
-                          project_group, trim)
+from .moe_svd_fit import (Factorization, ProjFit, _GramCache, _rank_info, allocate_ranks,  # noqa: F401
+                          per_expert_svd, pooled_spectrum, project_group, trim)
 
 
 GU = ("gate", "up")
@@ -60,8 +60,9 @@ class MoESVDSettings(MethodSettings):
     # shared right factor: pooled = top directions of the frequency-weighted stack under the group's summed Gram
     # [ours, measured]; top = the whitened V of the group's most frequent expert (Eq. 5, paper); None: per preset
     v_source: Literal["pooled", "top"] | None = None
-    # per decomposed layer, fit per-expert SVD too and keep whichever changes the routed MoE output less on the
-    # calibration tokens [ours]; None: on for the measured preset, off for paper
+    # per decomposed layer, fit shared and per-expert SVD on 3/4 of the calibration tokens and keep (refitted on all)
+    # sharing only if it changes the routed MoE output clearly less on the held-out 1/4 [ours]; None: on for
+    # measured, off for paper
     fallback: bool | None = None
     share_down: bool | None = None  # down shares V like gate/up (paper) or is a per-expert SVD (measured); None: preset
     group_size: Annotated[int, Field(ge=1)] | None = None  # experts per sharing group; None: E for E <= 16, else 8
@@ -122,7 +123,7 @@ class MoESVDMethod(Method):
         return self.settings.v_source or ("top" if self.paper() else "pooled")
 
     def fallback(self) -> bool:
-        """Per layer, keep the shared fit only where it beats per-expert SVD in-sample (measured preset)."""
+        """Per layer, keep the shared fit only where it beats per-expert SVD on held-out calibration tokens."""
         return self.settings.fallback if self.settings.fallback is not None else not self.paper()
 
     def share_down(self) -> bool:
@@ -303,49 +304,41 @@ class MoESVDMethod(Method):
         cache = lambda: grams if grams.keep else _GramCache(weights, calib, s.damp, s.shrink, self.ctx.device)  # noqa
         if not s.share:
             return self._per_expert(layer, weights, calib, cache(), budget)
-        comp = self._shared(layer, weights, calib, cache(), budget)
         if not self.fallback():
-            return comp
-        # does sharing pay in this layer? Both fits at the same budget, judged by the RMS change of the routed MoE
-        # output on the calibration tokens (in-sample; the held-out text is never seen) [ours]
-        try:
-            alone = self._per_expert(layer, weights, calib, cache(), budget)
-        except RatioError:  # the budget leaves per-expert SVD below rank 1: sharing is the only fit
-            return comp
-        err = {k: residual_error(self.arch, layer, c, weights, calib, 1.0) for k, c in (("shared", comp),
-                                                                                          ("per_expert", alone))}
-        chosen = comp if err["shared"] <= err["per_expert"] else alone
-        chosen.info["sharing_pays"] = {"shared": chosen is comp, **{f"{k}_rms_dy": round(v, 6) for k, v in err.items()}}
+            return self._shared(layer, weights, calib, cache(), budget)
+        share, err = self.sharing_pays(layer, weights, calib, budget)
+        chosen = (self._shared if share else self._per_expert)(layer, weights, calib, cache(), budget)
+        chosen.info["sharing_pays"] = {"shared": share, "judged_on": "held-out calibration tokens",
+                                       **{f"{k}_rms_dy": round(v, 6) for k, v in err.items()}}
         return chosen
+
+    def sharing_pays(self, layer: int, weights: ExpertWeights, calib: LayerCalibration,
+                     budget: int) -> tuple[bool, dict[str, float]]:
+        """Does sharing pay in this layer? [ours] Both fits — shared and per-expert whitened SVD (``svd`` at the
+        same budget) — on the calibration tokens minus a held-out quarter (``LayerCalibration.holdout_split``),
+        judged by the change of the routed MoE output on the held-out quarter: in-sample the more flexible shared fit
+        wins every layer of the second fixture yet loses on held-out text. Sharing is kept only when it is lower by
+        more than two standard errors over held-out sequences (``clearly_lower``); the winner is then refitted on
+        every token by the caller. Returns (sharing kept, RMS Δy of each candidate); the eval text is never seen."""
+        s = self.settings
+        fit, held = calib.holdout_split()
+        grams = _GramCache(weights, fit, s.damp, s.shrink, self.ctx.device)
+        cache = lambda: grams if grams.keep else _GramCache(weights, fit, s.damp, s.shrink, self.ctx.device)  # noqa
+        cands = {"shared": self._shared(layer, weights, fit, cache(), budget)}
+        try:
+            cands["per_expert"] = self._per_expert(layer, weights, fit, cache(), budget)
+        except RatioError:  # the budget leaves per-expert SVD below rank 1: sharing is the only fit
+            return True, {}
+        dy2 = {k: routed_output_sq_error(self.arch, layer, c, weights, held) for k, c in cands.items()}  # [T_held]
+        err = {k: math.sqrt(float(v.mean())) for k, v in dy2.items()}
+        return clearly_lower(dy2["shared"], dy2["per_expert"]), err
 
     def _per_expert(self, layer: int, weights: ExpertWeights, calib: LayerCalibration, grams: _GramCache,
                     budget: int) -> CompressedLayer:
         """Per-expert whitened SVD of a decomposed layer (``share=false``, "selective SVD", and the fallback when
-        sharing does not pay); down refitted on the compressed intermediates as in ``svd`` (calibration.md)."""
-        facts = self.factorizations(share=False)
-        svds = {}
-        for e in range(self.E):
-            for p in PROJS:
-                svds[p, e] = whitened_svd(weights.get(p, e, torch.float64).to(self.ctx.device), grams.white(p, e))
-            grams.drop(e)
-        ranks = allocate_ranks(budget, facts, [svds[f.proj, f.group].sigma ** 2 for f in facts])
-        if min(ranks) < 1:
-            raise RatioError(f"layer {layer}: budget {budget} leaves a per-expert rank below 1")
-        rank = {(f.proj, f.group): r for f, r in zip(facts, ranks)}
-        tensors = {}
-        for (p, e), svd in svds.items():
-            L, R = svd.factors(rank[p, e])
-            tensors[p, "lr_u", e], tensors[p, "lr_v", e] = L.cpu(), R.cpu()
+        sharing does not pay): ``svd`` at this budget."""
         s = self.settings
-        if calib.opts.down_fit == "compressed":
-            for e in range(self.E):  # ĥ of the gate/up as written (cast to the output dtype first)
-                gu = [(tensors[p, "lr_u", e] @ tensors[p, "lr_v", e]).to(self.ctx.dtype).double() for p in GU]
-                W, G = calib.down_target(e, weights, *gu, s.damp, s.shrink)
-                L, R = whitened_svd(W.to(self.ctx.device), whitening(G.to(self.ctx.device))).factors(rank["down", e])
-                tensors["down", "lr_u", e], tensors["down", "lr_v", e] = L.cpu(), R.cpu()
-        spec = LayerSpec(method=self.name, **{
-            p: ProjSpec(lowrank=LowRankTerm(ranks=[rank[p, e] for e in range(self.E)])) for p in PROJS})
-        return CompressedLayer(spec=spec, tensors=tensors, info={"share": False, "ranks": _rank_info(rank)})
+        return per_expert_svd(self.name, layer, weights, calib, grams, budget, s.damp, s.shrink, self.ctx.dtype)
 
     def _shared(self, layer: int, weights: ExpertWeights, calib: LayerCalibration, grams: _GramCache,
                 budget: int) -> CompressedLayer:
@@ -423,10 +416,6 @@ class MoESVDMethod(Method):
         return CompressedLayer(spec=LayerSpec(method=self.name, **projs), tensors=tensors, info=info)
 
 
-def _rank_info(rank: dict[tuple[str, int], int]) -> dict[str, list[int]]:
-    return {p: [r for (q, _), r in sorted(rank.items(), key=lambda kv: kv[0][1]) if q == p] for p in PROJS}
-
-
 # ----- sensitivity (Eq. 4, App. Alg. 1) -------------------------------------------------------------------------
 def layer_sensitivity(weights: ExpertWeights, calib: LayerCalibration | None, tau: float = 2.0,
                       p_threshold: float = 1e-2) -> dict[str, Any]:
@@ -449,31 +438,6 @@ def layer_sensitivity(weights: ExpertWeights, calib: LayerCalibration | None, ta
     S = float((f * p * a).sum())
     return {"S": S, "f": [round(float(v), 6) for v in f], "p": [round(float(v), 3) for v in p],
             "a": [round(float(v), 6) for v in a]}
-
-
-def residual_error(arch, layer: int, comp: CompressedLayer, weights: ExpertWeights, calib: LayerCalibration,
-                   hidden_ms: float, max_tokens: int = 4096) -> float:
-    """RMS of the routed MoE output change over RMS of the decoder layer's output hidden state [ours].
-
-    Unlike ‖Δy‖/‖y‖ this sees how much the layer's MoE output weighs in the residual stream: on the fixture the
-    first layer's relative output error equals the others' but its ‖Δy‖/‖h‖ is 2-4× theirs, as is its PPL loss.
-    """
-    cfg = MoELowRankConfig(format_version=FORMAT_VERSION, method="moe-svd", num_experts=arch.num_experts,
-                           hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-                           moe_prefix=arch.moe_prefix, expert_names=arch.expert_names, moe_layers=[layer],
-                           layers={layer: comp.spec})
-    named = {cfg.tensor_name(layer, p, suf, e): t for (p, suf, e), t in comp.tensors.items()}
-
-    def approx(e: int, xe: torch.Tensor) -> torch.Tensor:  # one expert materialized at a time
-        g, u, d = (materialize_projection(cfg, layer, p, e, named.__getitem__).float() for p in PROJS)
-        return (torch.nn.functional.silu(xe @ g.T) * (xe @ u.T)) @ d.T
-
-    step = max(1, calib.num_tokens // max_tokens)
-    x, ids, w = calib.x[::step].float(), calib.topk_ids[::step], calib.topk_weights[::step]
-    exact = dense_expert_fn(weights.gate, weights.up, weights.down)
-    dy = moe_output(x, ids, w, approx) - moe_output(x, ids, w, exact)  # [T, n]
-    return math.sqrt(float(dy.double().square().sum(-1).mean()) / max(hidden_ms, 1e-30))
-
 
 
 METHOD = MoESVDMethod

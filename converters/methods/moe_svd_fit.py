@@ -10,8 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_moe_lowrank.format import PROJS, LayerSpec, LowRankTerm, ProjSpec
+
 from ..calibration import LayerCalibration
+from ..errors import RatioError
 from ..experts import ExpertWeights
+from ..method import CompressedLayer
 from ..whitening import Whitening, solve_spd, whitened_svd, whitening
 
 @dataclass(frozen=True)
@@ -182,3 +186,39 @@ def trim(fits: dict[str, ProjFit], k: int, combine: str) -> tuple[list[int], dic
     slot_of = [min(pi, k - 1) for pi in range(size)]
     members = [[i for i in range(size) if slot_of[i] == c] for c in range(k)]
     return slot_of, {p: [f.slot(c, members[c], combine) for c in range(k)] for p, f in fits.items()}
+
+
+# ----- per-expert whitened SVD at a budget (the ``svd`` baseline's fit; moe-svd's and rfid-moe's fallback) ----
+def per_expert_svd(name: str, layer: int, weights: ExpertWeights, calib: LayerCalibration, grams: _GramCache,
+                   budget: int, damp: float, shrink: float, dtype: torch.dtype) -> CompressedLayer:
+    """Every expert's gate/up/down by its own whitened SVD, ranks from ``allocate_ranks`` (uniform, leftover by σ²)
+    within ``budget`` floats, down refitted on the compressed intermediates as in ``svd`` (calibration.md)."""
+    E = weights.gate.shape[0]
+    m, n = weights.gate.shape[1:]
+    facts = [Factorization(p, e, m + n, min(m, n)) for p in PROJS for e in range(E)]
+    svds = {}
+    for e in range(E):
+        for p in PROJS:
+            svds[p, e] = whitened_svd(weights.get(p, e, torch.float64).to(grams.dev), grams.white(p, e))
+        grams.drop(e)
+    ranks = allocate_ranks(budget, facts, [svds[f.proj, f.group].sigma ** 2 for f in facts])
+    if min(ranks) < 1:
+        raise RatioError(f"layer {layer}: budget {budget} leaves a per-expert rank below 1")
+    rank = {(f.proj, f.group): r for f, r in zip(facts, ranks)}
+    tensors = {}
+    for (p, e), svd in svds.items():
+        L, R = svd.factors(rank[p, e])
+        tensors[p, "lr_u", e], tensors[p, "lr_v", e] = L.cpu(), R.cpu()
+    if calib.opts.down_fit == "compressed":
+        for e in range(E):  # ĥ of the gate/up as written (cast to the output dtype first)
+            gu = [(tensors[p, "lr_u", e] @ tensors[p, "lr_v", e]).to(dtype).double() for p in ("gate", "up")]
+            W, G = calib.down_target(e, weights, *gu, damp, shrink)
+            L, R = whitened_svd(W.to(grams.dev), whitening(G.to(grams.dev))).factors(rank["down", e])
+            tensors["down", "lr_u", e], tensors["down", "lr_v", e] = L.cpu(), R.cpu()
+    spec = LayerSpec(method=name, **{
+        p: ProjSpec(lowrank=LowRankTerm(ranks=[rank[p, e] for e in range(E)])) for p in PROJS})
+    return CompressedLayer(spec=spec, tensors=tensors, info={"share": False, "ranks": _rank_info(rank)})
+
+
+def _rank_info(rank: dict[tuple[str, int], int]) -> dict[str, list[int]]:
+    return {p: [r for (q, _), r in sorted(rank.items(), key=lambda kv: kv[0][1]) if q == p] for p in PROJS}

@@ -10,6 +10,8 @@ Unit j of expert e is row j of gate and up and column j of down (§3.2, Y = g Σ
 4. Down: a ridge-regression base B [n, m] shared by the layer (J(B) = ‖Y − H_c Bᵀ‖ + λ‖B‖, λ = 1e-3) plus a
    per-expert low-rank delta on the low-rank units' columns (docs/methods/rs-moe.md gives the interpretation).
 5. Layer budgets from the MI between adjacent layers' hidden states (MINE + QP, §3.5; ``rs_moe_mi.py``).
+6. [ours] Per layer, the split of step 2 — or plain per-expert whitened SVD — with the lowest MoE-output error on
+   held-out calibration tokens (``select=heldout``; ``rs_moe_select.py``).
 
 Checkpoint mapping (vllm_moe_lowrank.format): ``units`` split; gate/up = dense(exact) + lowrank(lowrank);
 down = dense(exact) + lowrank(lowrank, the delta) + base(B over original units, ``base_idx`` per expert).
@@ -32,7 +34,9 @@ from ..calibration import LayerCalibration
 from ..errors import RatioError
 from ..experts import ExpertWeights
 from ..method import CompressedLayer, Damp, Method, MethodSettings, Shrink
+from .moe_svd_fit import _GramCache, per_expert_svd
 from .rs_moe_mi import mine_mi, pca_features, pool_windows, qp_save_ratios, redundancy
+from .rs_moe_select import Split, choose_split
 from ..whitening import regularize_gram, whitened_svd, whitening
 
 _BLOCK = 1 << 24  # floats in one chunk of the downstream-alignment product
@@ -46,7 +50,9 @@ class RSMoESettings(MethodSettings):
     w_peak: float = Field(0.8, ge=0.0)
     gamma: float = Field(0.05, ge=0.0)
     aci_norm: Literal["max", "mean"] = "mean"  # "normalised" statistics: divide by the layer mean (or max)
-    # partition (§3.4, Table 5)
+    # partition (§3.4, Table 5); heldout: per layer, the split (these three, a grid with fewer exact units, or
+    # per-expert whitened SVD) with the lowest MoE-output error on held-out calibration tokens (rs_moe_select.py)
+    select: Literal["heldout", "fixed"] = "heldout"
     high_frac: float = Field(0.8, ge=0.0, le=1.0)  # share of the layer budget spent on exact units
     low_frac: float = Field(0.1, ge=0.0, lt=1.0)  # share of all units pruned (lowest scores)
     # down projection
@@ -232,6 +238,7 @@ class RSMoEMethod(Method):
         self._features: dict[int, torch.Tensor] = {}
         self._save: dict[int, float] = {}
         self._redundancy: dict[int, float] = {}
+        self._align: dict[int, torch.Tensor] = {}  # downstream ACI term per layer (weights only: computed once)
 
     # --- budgets --------------------------------------------------------------------------------------------
     def _max_ratio(self) -> float:
@@ -305,8 +312,10 @@ class RSMoEMethod(Method):
         hyb = s.w_mean * nz(mean_sq) + s.w_var * nz(var_sq) + s.w_peak * nz(peak)  # S_hyb
         score = nz(hyb * e_proj)  # I_inner
         if s.gamma and layer + 1 in self.arch.moe_layers:
-            nxt = self.ctx.load_experts(layer + 1)
-            score = score + s.gamma * nz(downstream_alignment(weights.down, nxt.gate, nxt.up, self.ctx.device))
+            if layer not in self._align:  # the layer's held-out candidates and refit share it
+                nxt = self.ctx.load_experts(layer + 1)
+                self._align = {layer: downstream_alignment(weights.down, nxt.gate, nxt.up, self.ctx.device)}
+            score = score + s.gamma * nz(self._align[layer])
         return score
 
     # --- the work -------------------------------------------------------------------------------------------
@@ -317,8 +326,24 @@ class RSMoEMethod(Method):
         budget = self.layer_params(layer)
         if budget >= 3 * E * n * m:
             return None
-        scores = self.unit_scores(layer, weights, calib)
-        plan = partition(scores, budget, n, s.high_frac, s.low_frac, s.base != "none")
+        if s.select == "heldout":
+            return choose_split(self, layer, weights, calib, budget)
+        return self.fit_split(layer, weights, calib, budget, Split(s.high_frac, s.low_frac, s.base))
+
+    def fit_split(self, layer: int, weights: ExpertWeights, calib: LayerCalibration, budget: int, split: Split,
+                  cache: dict | None = None) -> CompressedLayer:
+        """The layer at ``budget`` floats with one split; ``cache`` keeps unit scores and gate/up whitening of
+        ``calib`` between the candidates of ``choose_split``."""
+        s, E, n = self.settings, self.arch.num_experts, self.arch.hidden_size
+        cache = {} if cache is None else cache
+        if split.svd:  # the degenerate split: every unit low-rank, per-expert ranks, no base (the svd baseline)
+            comp = per_expert_svd(self.name, layer, weights, calib, _GramCache(
+                weights, calib, s.damp, s.shrink, self.ctx.device), budget, s.damp, s.shrink, self.ctx.dtype)
+            comp.info.update(budget=budget, save_ratio=round(self.save_ratio(layer), 6), split="svd")
+            return comp
+        if "scores" not in cache:
+            cache["scores"] = self.unit_scores(layer, weights, calib)
+        plan = partition(cache["scores"], budget, n, split.high_frac, split.low_frac, split.base != "none")
         has_lr = any(l.numel() for l in plan.lowrank)
         tensors: dict = {}
         for e in range(E):
@@ -327,12 +352,12 @@ class RSMoEMethod(Method):
             tensors["up", "weight", e] = weights.up[e][S]  # [|S_e|, n]
             tensors["down", "weight", e] = weights.down[e][:, S]  # [n, |S_e|]
         if has_lr:
-            gate_up = self._gate_up(weights, calib, plan)
+            gate_up = self._gate_up(weights, calib, plan, cache)
             for e, fac in enumerate(gate_up):
                 for p in ("gate", "up"):
                     tensors[p, "lr_u", e], tensors[p, "lr_v", e] = fac[p]
-            stats, G, C = self._down_stats(weights, calib, plan, gate_up)
-            B = self._base(weights, calib, G, C) if plan.base else None
+            stats, G, C = self._down_stats(weights, calib, plan, gate_up, split.base if plan.base else "none")
+            B = self._base(weights, calib, G, C, split.base) if plan.base else None
             for e, (Ld, Rd) in enumerate(self._down(weights, plan, stats, B)):
                 tensors["down", "lr_u", e], tensors["down", "lr_v", e] = Ld, Rd
                 if plan.base:
@@ -340,7 +365,8 @@ class RSMoEMethod(Method):
             if plan.base:
                 tensors["down", "base", None] = B  # [n, m]
         spec = self._spec(plan, has_lr)
-        info = {**plan.info, "save_ratio": round(self.save_ratio(layer), 6), "score": s.score}
+        info = {**plan.info, "save_ratio": round(self.save_ratio(layer), 6), "score": s.score,
+                "split": {"high_frac": split.high_frac, "low_frac": split.low_frac, "base": split.base}}
         if layer in self._redundancy:
             info["mi_redundancy"] = self._redundancy[layer]
         return CompressedLayer(spec=spec, tensors={k: v.cpu() for k, v in tensors.items()}, info=info)
@@ -355,15 +381,19 @@ class RSMoEMethod(Method):
         return LayerSpec(method=self.name, units=units, **projs)
 
     # --- low-rank gate/up -----------------------------------------------------------------------------------
-    def _gate_up(self, weights: ExpertWeights, calib: LayerCalibration, plan: UnitPlan) -> list[dict]:
+    def _gate_up(self, weights: ExpertWeights, calib: LayerCalibration, plan: UnitPlan,
+                 cache: dict | None = None) -> list[dict]:
         """Whitened SVD of the low-rank rows of gate and up, per expert (§3.4: SVD(W_lr V E^½), W_com, W_rec)."""
         s, dev = self.settings, self.ctx.device
+        cache = {} if cache is None else cache
         out = []
         for e, idx in enumerate(plan.lowrank):
             fac = {}
             white = None
             if idx.numel():  # calibration.py's Gram API: routing-weighted and shrunk as the calibration switches say
-                white = whitening(calib.expert_gram_in(e, s.damp, s.shrink).to(dev))
+                if ("white", e) not in cache:
+                    cache["white", e] = whitening(calib.expert_gram_in(e, s.damp, s.shrink).to(dev))
+                white = cache["white", e]
             for p in ("gate", "up"):
                 W = weights.get(p, e, torch.float64)[idx].to(dev)  # [|L_e|, n]
                 if idx.numel():
@@ -385,7 +415,8 @@ class RSMoEMethod(Method):
         return h, h_lr
 
     # --- down: statistics, base and delta -------------------------------------------------------------------
-    def _down_stats(self, weights: ExpertWeights, calib: LayerCalibration, plan: UnitPlan, gate_up: list[dict]):
+    def _down_stats(self, weights: ExpertWeights, calib: LayerCalibration, plan: UnitPlan, gate_up: list[dict],
+                    base: str | None = None):
         """One pass over the experts: per expert G_L = ĥ_LᵀĥL [|L|, |L|] and X_L = T_eᵀĥ_L [n, |L|] (float64),
         where T_e = W_down[:, ¬S] h_¬S is what the exact units leave to produce, and the ridge system
         (G [m, m], C [m, n]) of the shared base (see ``_base``)."""
@@ -400,6 +431,9 @@ class RSMoEMethod(Method):
                 stats.append(None)
                 continue
             h, h_lr = self._expert_acts(weights, calib, e, gate_up[e])
+            if calib.opts.weighted:  # rows times g: the fits weigh each token by g², as its MoE-output error does
+                r = calib.route_weight(e).to(dev, torch.float32)[:, None]  # [N_e, 1]
+                h, h_lr = h * r, h_lr * r
             Wd = weights.get("down", e).to(dev)  # [n, m]
             rest = torch.ones(m, dtype=torch.bool, device=dev)
             rest[S] = False
@@ -407,7 +441,7 @@ class RSMoEMethod(Method):
             G_L = (h_lr.T @ h_lr).double()  # [|L|, |L|]
             X_L = (T.T @ h_lr).double()  # [n, |L|]
             stats.append((G_L, X_L))
-            if s.base != "ridge":
+            if (base or s.base) != "ridge":
                 continue
             if s.down_fit == "refit":  # Z_e = ĥ_L scattered to the units L, target T_e
                 G[L[:, None], L[None, :]] += G_L
@@ -420,8 +454,8 @@ class RSMoEMethod(Method):
                 C += (Z.T @ (h @ Wd.T)).double()
         return stats, G, C
 
-    def _base(self, weights: ExpertWeights, calib: LayerCalibration, G: torch.Tensor,
-              C: torch.Tensor) -> torch.Tensor:
+    def _base(self, weights: ExpertWeights, calib: LayerCalibration, G: torch.Tensor, C: torch.Tensor,
+              base: str | None = None) -> torch.Tensor:
         """Shared down base B [n, m] over the original units.
 
         ridge: Bᵀ = (Σ_e Z_eᵀZ_e + λ'I)⁻¹ Σ_e Z_eᵀT_e, the minimiser of §3.4's J(B) = ‖Y − H_c Bᵀ‖² + λ‖B‖² with
@@ -430,7 +464,7 @@ class RSMoEMethod(Method):
         pruned) and T_e the expert's output (methods.md I-A). freq: Σ_e f_e W_down^e / Σ_e f_e (Table 4).
         """
         s, m = self.settings, G.shape[0]
-        if s.base == "freq":
+        if (base or s.base) == "freq":
             f = calib.frequency().double()
             f = f if float(f.sum()) > 0 else torch.ones_like(f)
             return torch.einsum("e,enm->nm", f / f.sum(), weights.down.double()).to(G.device)

@@ -27,7 +27,7 @@ from vllm.model_executor.parameter import BlockQuantScaleParameter, PerTensorSca
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
-from vllm_moe_lowrank.format import dequantize_blocks
+from vllm_moe_lowrank.rounding import dequantize_blocks
 
 logger = init_logger(__name__)
 _logged: set[str] = set()  # kinds ("linear", "MoE") already reported by this process

@@ -1,6 +1,6 @@
 """``MoELowRankMoEMethod``: parameters, loaders, completeness check and forward of one compressed MoE layer.
 
-FP8 factors (format v2, ``factor_dtype: fp8_e4m3``) are loaded as float8_e4m3fn parameters with float32 scale
+FP8 factors (format v2+, ``factor_dtype: fp8_e4m3``) are loaded as float8_e4m3fn parameters with float32 scale
 parameters. On CUDA they stay FP8 (the Triton kernels dequantize in their loads: the expert memory is the
 checkpoint's bytes); on CPU, where nothing reads FP8, they are dequantized once at load into the model's float dtype
 (``LayerLayout.dequantize_at_load``), so the native CPU path serves them like float factors.
