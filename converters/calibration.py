@@ -239,28 +239,37 @@ def dense_expert_fn(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
     return fn
 
 
+def routed_output_change(cfg, layer: int, get, weights: ExpertWeights, calib: LayerCalibration,
+                         max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([T', n] Δy, [T', n] y) on every ⌈T/max_tokens⌉-th token of ``calib`` (all without ``max_tokens``): y the
+    dense routed MoE output Σ_k g_tk·expert(x_t), Δy the change the compressed layer ``layer`` of ``cfg`` (a
+    format.MoELowRankConfig, tensors by name through ``get``) makes — the routing-weighted objective every
+    method's fit shares, and the report's output error."""
+    from vllm_moe_lowrank.format import PROJS
+    from vllm_moe_lowrank.materialize import materialize_projection
+
+    def approx(e: int, xe: torch.Tensor) -> torch.Tensor:  # one expert materialized at a time
+        g, u, d = (materialize_projection(cfg, layer, p, e, get).float() for p in PROJS)
+        return (torch.nn.functional.silu(xe @ g.T) * (xe @ u.T)) @ d.T
+
+    step = max(1, calib.num_tokens // max_tokens) if max_tokens else 1
+    x, ids, w = calib.x[::step].float(), calib.topk_ids[::step], calib.topk_weights[::step]
+    y = moe_output(x, ids, w, dense_expert_fn(weights.gate, weights.up, weights.down))
+    return moe_output(x, ids, w, approx) - y, y
+
+
 def routed_output_sq_error(arch, layer: int, comp, weights: ExpertWeights, calib: LayerCalibration,
                            max_tokens: int | None = None) -> torch.Tensor:
-    """[T'] float64 ‖Δy_t‖² per token of ``calib`` (every ⌈T/max_tokens⌉-th token, all without ``max_tokens``):
-    the change of the routed MoE output Σ_k g_tk·expert(x_t) that a compressed layer ``comp`` (a
-    ``method.CompressedLayer``) makes — the routing-weighted objective every method's fit shares."""
-    from vllm_moe_lowrank.format import FORMAT_VERSION, PROJS, MoELowRankConfig
-    from vllm_moe_lowrank.materialize import materialize_projection
+    """[T'] float64 ‖Δy_t‖² per token (``routed_output_change``) of a compressed layer ``comp`` (a
+    ``method.CompressedLayer``), before it is cast for writing."""
+    from vllm_moe_lowrank.format import FORMAT_VERSION, MoELowRankConfig
 
     cfg = MoELowRankConfig(format_version=FORMAT_VERSION, method=comp.spec.method, num_experts=arch.num_experts,
                            hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
                            moe_prefix=arch.moe_prefix, expert_names=arch.expert_names, moe_layers=[layer],
                            layers={layer: comp.spec})
     named = {cfg.tensor_name(layer, p, suf, e): t for (p, suf, e), t in comp.tensors.items()}
-
-    def approx(e: int, xe: torch.Tensor) -> torch.Tensor:  # one expert materialized at a time
-        g, u, d = (materialize_projection(cfg, layer, p, e, named.__getitem__).float() for p in PROJS)
-        return (torch.nn.functional.silu(xe @ g.T) * (xe @ u.T)) @ d.T
-
-    step = max(1, calib.num_tokens // max_tokens) if max_tokens else 1
-    x, ids, w = calib.x[::step].float(), calib.topk_ids[::step], calib.topk_weights[::step]
-    exact = dense_expert_fn(weights.gate, weights.up, weights.down)
-    dy = moe_output(x, ids, w, approx) - moe_output(x, ids, w, exact)  # [T', n]
+    dy, _ = routed_output_change(cfg, layer, named.__getitem__, weights, calib, max_tokens)
     return dy.double().square().sum(-1)
 
 

@@ -17,7 +17,7 @@ from vllm_moe_lowrank.format import FACTOR_DTYPES, FORMAT_VERSION, PROJS, SCALE_
 from vllm_moe_lowrank.materialize import materialize_projection
 
 from .arch import MoEArch
-from .calibration import LayerCalibration, dense_expert_fn, moe_output
+from .calibration import LayerCalibration, dense_expert_fn, routed_output_change
 from .checkpoint import Checkpoint
 from .errors import ConvertError
 from .experts import ExpertWeights
@@ -112,19 +112,8 @@ def _layer_errors(arch: MoEArch, method: str, layer: int, comp: CompressedLayer,
                 den[p] += float(w.square().sum())
         out["weight_rel_err"] = {p: math.sqrt(num[p] / den[p]) if den[p] else 0.0 for p in PROJS}
     if calib is not None:
-        step = max(1, calib.num_tokens // _ERR_TOKENS)
-        x, ids, w = calib.x[::step].float(), calib.topk_ids[::step], calib.topk_weights[::step]
-
-        def approx(e: int, xe: torch.Tensor) -> torch.Tensor:
-            g, u, d = (materialize_projection(cfg, layer, p, e, get).float() for p in PROJS)
-            return (torch.nn.functional.silu(xe @ g.T) * (xe @ u.T)) @ d.T
-
-        def exact(e: int, xe: torch.Tensor) -> torch.Tensor:
-            h = torch.nn.functional.silu(xe @ weights.get("gate", e).T) * (xe @ weights.get("up", e).T)
-            return h @ weights.get("down", e).T
-
-        y = moe_output(x, ids, w, exact)
-        out["output_rel_err"] = float((moe_output(x, ids, w, approx) - y).norm() / y.norm().clamp(min=1e-30))
+        dy, y = routed_output_change(cfg, layer, get, weights, calib, _ERR_TOKENS)
+        out["output_rel_err"] = float(dy.norm() / y.norm().clamp(min=1e-30))
     return out
 
 
