@@ -55,8 +55,8 @@ class MoBESettings(MethodSettings):
     basis_rms: float = Field(0.0, ge=0)  # RMS of the initial basis entries (how nonlinear f starts); 0: per act
     refit_left: bool = True  # closed-form least-squares A_e after Adam (exact minimizer given the bases)
     batch_experts: int = Field(0, ge=0)  # experts per backward pass (gradient accumulation); 0: all at once
-    # weight the error by each expert's calibration Gram [ours]; None: on when --calib-data is given and the ratio
-    # exceeds AUTO_DOWN_RATIO (measured: docs/methods/mobe.md), off otherwise (data-free, the paper)
+    # weight the error by each expert's calibration Gram [ours]; None: on when --calib-data is given (measured at
+    # every ratio on both fixtures: docs/methods/mobe.md), off otherwise (data-free, the paper)
     activation_aware: bool | None = None
     damp: Damp = 1e-4  # relative Gram damping (activation_aware)
     shrink: Shrink = 0.1  # rare experts' Grams shrink toward the layer mean (activation_aware)
@@ -325,7 +325,7 @@ class MoBEMethod(Method):
         if ctx.device.type == "cuda":
             update = {k: v for k, v in GPU_FIT.items() if k not in settings.model_fields_set}
         if settings.activation_aware is None:
-            update["activation_aware"] = ctx.has_calib_data and ctx.ratio > AUTO_DOWN_RATIO
+            update["activation_aware"] = ctx.has_calib_data
         settings = settings.model_copy(update=update)
         super().__init__(ctx, settings)
         self.needs_calibration = settings.activation_aware
