@@ -236,6 +236,19 @@ def test_full_shape_bf16(case):
     _both_paths_match_torch_at_full_shape(layout, bufs)
 
 
+def _captured(x, w, ids, layout, tlist):
+    """(CUDA graph, its output buffer) of one op call on x / w / ids, after a warm-up call on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        moe_lowrank_experts(x, w, ids, layout, tlist)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_lowrank_experts(x, w, ids, layout, tlist)
+    return graph, out
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("T", [4, 300])  # one-program sort / parallel sort
@@ -249,14 +262,7 @@ def test_cuda_graph_capture_and_replay(case, T):
     x, w, ids = routing(T, 4, E=32, n=512, seed=1, dtype=torch.bfloat16)
     eager = moe_lowrank_experts(x, w, ids, layout, tlist)  # warm-up: builds the plan, compiles the kernels
     torch.testing.assert_close(eager, triton_forward.experts_forward_triton(layout, bufs, x, w, ids))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        moe_lowrank_experts(x, w, ids, layout, tlist)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = moe_lowrank_experts(x, w, ids, layout, tlist)
+    graph, out = _captured(x, w, ids, layout, tlist)
     for seed in (2, 3):  # new tokens and routing, written in place
         x2, w2, ids2 = routing(T, 4, E=32, n=512, seed=seed, dtype=torch.bfloat16)
         x.copy_(x2)
@@ -374,14 +380,7 @@ def test_cuda_graph_capture_and_replay_fp8(case):
     tlist = [bufs[n] for n in layout.tensor_names]
     x, w, ids = routing(64, 4, E=32, n=512, seed=1, dtype=torch.bfloat16)
     moe_lowrank_experts(x, w, ids, layout, tlist)  # warm-up: builds the plan, compiles the kernels
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        moe_lowrank_experts(x, w, ids, layout, tlist)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = moe_lowrank_experts(x, w, ids, layout, tlist)
+    graph, out = _captured(x, w, ids, layout, tlist)
     x2, w2, ids2 = routing(64, 4, E=32, n=512, seed=2, dtype=torch.bfloat16)
     x.copy_(x2)
     w.copy_(w2)
